@@ -1,0 +1,144 @@
+package sys
+
+import "golang.org/x/sys/unix"
+
+// Constants phaul passes to injected system calls: syscall numbers, flags
+// and prctl options. They live here so that no other package needs x/sys.
+const (
+	SYS_READ              = unix.SYS_READ
+	SYS_WRITE             = unix.SYS_WRITE
+	SYS_CLOSE             = unix.SYS_CLOSE
+	SYS_LSEEK             = unix.SYS_LSEEK
+	SYS_MMAP              = unix.SYS_MMAP
+	SYS_MPROTECT          = unix.SYS_MPROTECT
+	SYS_MUNMAP            = unix.SYS_MUNMAP
+	SYS_BRK               = unix.SYS_BRK
+	SYS_RT_SIGACTION      = unix.SYS_RT_SIGACTION
+	SYS_RT_SIGPROCMASK    = unix.SYS_RT_SIGPROCMASK
+	SYS_MREMAP            = unix.SYS_MREMAP
+	SYS_MADVISE           = unix.SYS_MADVISE
+	SYS_DUP2              = unix.SYS_DUP2
+	SYS_DUP3              = unix.SYS_DUP3
+	SYS_PAUSE             = unix.SYS_PAUSE
+	SYS_GETPID            = unix.SYS_GETPID
+	SYS_GETTID            = unix.SYS_GETTID
+	SYS_EXIT              = unix.SYS_EXIT
+	SYS_EXIT_GROUP        = unix.SYS_EXIT_GROUP
+	SYS_FCNTL             = unix.SYS_FCNTL
+	SYS_CHDIR             = unix.SYS_CHDIR
+	SYS_FCHDIR            = unix.SYS_FCHDIR
+	SYS_CHROOT            = unix.SYS_CHROOT
+	SYS_UMASK             = unix.SYS_UMASK
+	SYS_PRCTL             = unix.SYS_PRCTL
+	SYS_ARCH_PRCTL        = unix.SYS_ARCH_PRCTL
+	SYS_OPENAT            = unix.SYS_OPENAT
+	SYS_SIGALTSTACK       = unix.SYS_SIGALTSTACK
+	SYS_SET_TID_ADDRESS   = unix.SYS_SET_TID_ADDRESS
+	SYS_SET_ROBUST_LIST   = unix.SYS_SET_ROBUST_LIST
+	SYS_RSEQ              = unix.SYS_RSEQ
+	SYS_CLONE3            = unix.SYS_CLONE3
+	SYS_RT_SIGQUEUEINFO   = unix.SYS_RT_SIGQUEUEINFO
+	SYS_RT_TGSIGQUEUEINFO = unix.SYS_RT_TGSIGQUEUEINFO
+	SYS_SETITIMER         = unix.SYS_SETITIMER
+	SYS_GETITIMER         = unix.SYS_GETITIMER
+	SYS_SETRESUID         = unix.SYS_SETRESUID
+	SYS_SETRESGID         = unix.SYS_SETRESGID
+	SYS_SETGROUPS         = unix.SYS_SETGROUPS
+	SYS_SETFSUID          = unix.SYS_SETFSUID
+	SYS_SETFSGID          = unix.SYS_SETFSGID
+	SYS_CAPSET            = unix.SYS_CAPSET
+	SYS_PERSONALITY       = unix.SYS_PERSONALITY
+	SYS_SETPGID           = unix.SYS_SETPGID
+	SYS_SETSID            = unix.SYS_SETSID
+	SYS_EVENTFD2          = unix.SYS_EVENTFD2
+	SYS_EPOLL_CREATE1     = unix.SYS_EPOLL_CREATE1
+	SYS_EPOLL_CTL         = unix.SYS_EPOLL_CTL
+	SYS_PIPE2             = unix.SYS_PIPE2
+	SYS_USERFAULTFD       = unix.SYS_USERFAULTFD
+	SYS_KILL              = unix.SYS_KILL
+	SYS_SCHED_SETAFFINITY = unix.SYS_SCHED_SETAFFINITY
+	SYS_IOCTL             = unix.SYS_IOCTL
+	SYS_TIMERFD_CREATE    = unix.SYS_TIMERFD_CREATE
+	SYS_TIMERFD_SETTIME   = unix.SYS_TIMERFD_SETTIME
+	SYS_SIGNALFD4         = unix.SYS_SIGNALFD4
+
+	PROT_NONE  = unix.PROT_NONE
+	PROT_READ  = unix.PROT_READ
+	PROT_WRITE = unix.PROT_WRITE
+	PROT_EXEC  = unix.PROT_EXEC
+
+	MAP_SHARED          = unix.MAP_SHARED
+	MAP_PRIVATE         = unix.MAP_PRIVATE
+	MAP_FIXED           = unix.MAP_FIXED
+	MAP_ANONYMOUS       = unix.MAP_ANONYMOUS
+	MAP_GROWSDOWN       = unix.MAP_GROWSDOWN
+	MAP_NORESERVE       = unix.MAP_NORESERVE
+	MAP_POPULATE        = unix.MAP_POPULATE
+	MAP_FIXED_NOREPLACE = unix.MAP_FIXED_NOREPLACE
+
+	MREMAP_MAYMOVE = unix.MREMAP_MAYMOVE
+	MREMAP_FIXED   = unix.MREMAP_FIXED
+
+	MADV_DONTNEED       = unix.MADV_DONTNEED
+	MADV_HUGEPAGE       = unix.MADV_HUGEPAGE
+	MADV_NOHUGEPAGE     = unix.MADV_NOHUGEPAGE
+	MADV_DONTFORK       = unix.MADV_DONTFORK
+	MADV_DONTDUMP       = unix.MADV_DONTDUMP
+	MADV_WIPEONFORK     = unix.MADV_WIPEONFORK
+	MADV_MERGEABLE      = unix.MADV_MERGEABLE
+	MADV_POPULATE_WRITE = 23
+
+	O_RDONLY    = unix.O_RDONLY
+	O_WRONLY    = unix.O_WRONLY
+	O_RDWR      = unix.O_RDWR
+	O_ACCMODE   = unix.O_ACCMODE
+	O_CREAT     = unix.O_CREAT
+	O_TRUNC     = unix.O_TRUNC
+	O_APPEND    = unix.O_APPEND
+	O_NONBLOCK  = unix.O_NONBLOCK
+	O_CLOEXEC   = unix.O_CLOEXEC
+	O_DIRECTORY = unix.O_DIRECTORY
+	O_PATH      = unix.O_PATH
+	O_NOFOLLOW  = unix.O_NOFOLLOW
+	O_LARGEFILE = 0x8000
+	AT_FDCWD    = unix.AT_FDCWD
+
+	F_SETFD      = unix.F_SETFD
+	F_GETFL      = unix.F_GETFL
+	F_SETFL      = unix.F_SETFL
+	FD_CLOEXEC   = unix.FD_CLOEXEC
+	F_SETPIPE_SZ = unix.F_SETPIPE_SZ
+	F_GETPIPE_SZ = unix.F_GETPIPE_SZ
+
+	PR_SET_NAME            = unix.PR_SET_NAME
+	PR_SET_MM              = unix.PR_SET_MM
+	PR_SET_MM_MAP          = 14
+	PR_GET_TID_ADDRESS     = unix.PR_GET_TID_ADDRESS
+	PR_SET_PDEATHSIG       = unix.PR_SET_PDEATHSIG
+	PR_SET_DUMPABLE        = unix.PR_SET_DUMPABLE
+	PR_SET_NO_NEW_PRIVS    = unix.PR_SET_NO_NEW_PRIVS
+	PR_SET_CHILD_SUBREAPER = unix.PR_SET_CHILD_SUBREAPER
+
+	ARCH_MAP_VDSO_64 = 0x2003
+
+	CLONE_VM             = unix.CLONE_VM
+	CLONE_FS             = unix.CLONE_FS
+	CLONE_FILES          = unix.CLONE_FILES
+	CLONE_SIGHAND        = unix.CLONE_SIGHAND
+	CLONE_THREAD         = unix.CLONE_THREAD
+	CLONE_SYSVSEM        = unix.CLONE_SYSVSEM
+	CLONE_PARENT         = unix.CLONE_PARENT
+	CLONE_SETTLS         = unix.CLONE_SETTLS
+	CLONE_PARENT_SETTID  = unix.CLONE_PARENT_SETTID
+	CLONE_CHILD_CLEARTID = unix.CLONE_CHILD_CLEARTID
+
+	SS_DISABLE = 2
+
+	EFD_SEMAPHORE = unix.EFD_SEMAPHORE
+	EFD_NONBLOCK  = unix.EFD_NONBLOCK
+	EFD_CLOEXEC   = unix.EFD_CLOEXEC
+
+	EPOLL_CTL_ADD = unix.EPOLL_CTL_ADD
+
+	RLIMIT_NOFILE = unix.RLIMIT_NOFILE
+)

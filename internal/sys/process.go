@@ -1,0 +1,128 @@
+package sys
+
+import (
+	"errors"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// WaitStatus is the status reported by wait4.
+type WaitStatus = unix.WaitStatus
+
+// Rusage is struct rusage.
+type Rusage = unix.Rusage
+
+// Wait options.
+const (
+	WALL     = unix.WALL
+	WNOHANG  = unix.WNOHANG
+	WEXITED  = unix.WEXITED
+	WSTOPPED = unix.WSTOPPED
+)
+
+// Signals used by name.
+const (
+	SIGKILL = unix.SIGKILL
+	SIGSTOP = unix.SIGSTOP
+	SIGCONT = unix.SIGCONT
+	SIGTRAP = unix.SIGTRAP
+	SIGCHLD = unix.SIGCHLD
+	SIGTERM = unix.SIGTERM
+	SIGUSR1 = unix.SIGUSR1
+	SIGUSR2 = unix.SIGUSR2
+)
+
+// Wait4 waits for pid, retrying EINTR.
+func Wait4(pid int, options int) (int, WaitStatus, error) {
+	var ws WaitStatus
+	for {
+		wpid, err := unix.Wait4(pid, &ws, options, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		return wpid, ws, wrap("wait4", err)
+	}
+}
+
+// Kill sends sig to pid.
+func Kill(pid int, sig unix.Signal) error { return wrap("kill", unix.Kill(pid, sig)) }
+
+// Tgkill sends sig to thread tid of thread group tgid.
+func Tgkill(tgid, tid int, sig unix.Signal) error {
+	return wrap("tgkill", unix.Tgkill(tgid, tid, sig))
+}
+
+// PidfdOpen returns a pidfd for pid.
+func PidfdOpen(pid int) (int, error) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	return fd, wrap("pidfd_open", err)
+}
+
+// PidfdGetfd duplicates descriptor targetfd of the process behind pidfd into
+// this process.
+func PidfdGetfd(pidfd, targetfd int) (int, error) {
+	fd, err := unix.PidfdGetfd(pidfd, targetfd, 0)
+	return fd, wrap("pidfd_getfd", err)
+}
+
+// Close closes fd.
+func Close(fd int) error { return wrap("close", unix.Close(fd)) }
+
+// Getpid returns this process's PID.
+func Getpid() int { return unix.Getpid() }
+
+// Gettid returns the calling thread's TID.
+func Gettid() int { return unix.Gettid() }
+
+// Prlimit gets (and, when set is non-nil, sets) resource limit res of pid.
+func Prlimit(pid, res int, set *unix.Rlimit) (unix.Rlimit, error) {
+	var old unix.Rlimit
+	err := unix.Prlimit(pid, res, set, &old)
+	return old, wrap("prlimit64", err)
+}
+
+// Rlimit is struct rlimit.
+type Rlimit = unix.Rlimit
+
+// RLIM_NLIMITS is the number of resource limits.
+const RLIM_NLIMITS = 16
+
+// GetRobustList returns the robust futex list head of tid.
+func GetRobustList(tid int) (head, length uint64, err error) {
+	_, _, e := unix.Syscall(unix.SYS_GET_ROBUST_LIST, uintptr(tid),
+		uintptr(unsafe.Pointer(&head)), uintptr(unsafe.Pointer(&length)))
+	if e != 0 {
+		return 0, 0, wrap("get_robust_list", e)
+	}
+	return head, length, nil
+}
+
+// SetChildSubreaper makes this process the reaper of orphaned descendants.
+func SetChildSubreaper() error {
+	return wrap("prctl(PR_SET_CHILD_SUBREAPER)", unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
+}
+
+// MemfdCreate creates an anonymous file.
+func MemfdCreate(name string, flags int) (int, error) {
+	fd, err := unix.MemfdCreate(name, flags)
+	return fd, wrap("memfd_create", err)
+}
+
+// MFD_CLOEXEC closes the memfd on exec.
+const MFD_CLOEXEC = unix.MFD_CLOEXEC
+
+// Uname returns the kernel release string.
+func KernelRelease() string {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return ""
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+// Pagesize is the system page size.
+var Pagesize = unix.Getpagesize()
+
+// Signal is a signal number.
+type Signal = unix.Signal
