@@ -1,0 +1,216 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/phaul/phaul/engine/image"
+	"github.com/phaul/phaul/engine/proc"
+	"github.com/phaul/phaul/engine/ptrace"
+	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/protocol/imagepb"
+)
+
+// FormatVersion is the image format this engine writes.
+const FormatVersion = 1
+
+// DumpOptions configures Dump.
+type DumpOptions struct {
+	// Pid is the process to dump.
+	Pid int
+	// Dir is the image directory; it is created if missing.
+	Dir string
+	// LeaveRunning resumes the process after the dump instead of killing it.
+	LeaveRunning bool
+	// ShellJob re-binds descriptors on a terminal to the restorer's stdio.
+	ShellJob bool
+	// Logger receives progress; nil discards it.
+	Logger *slog.Logger
+}
+
+// DumpResult reports what a dump did.
+type DumpResult struct {
+	Pid          int           `json:"pid"`
+	Threads      int           `json:"threads"`
+	PagesScanned uint64        `json:"pages_scanned"`
+	PagesWritten uint64        `json:"pages_written"`
+	PagesZero    uint64        `json:"pages_zero"`
+	BytesWritten uint64        `json:"bytes_written"`
+	Frozen       time.Duration `json:"-"`
+	Duration     time.Duration `json:"-"`
+	FrozenMS     float64       `json:"frozen_ms"`
+	DurationMS   float64       `json:"duration_ms"`
+	Killed       bool          `json:"killed"`
+}
+
+// Dump checkpoints a process into an image directory. The process is frozen
+// for the whole dump; afterwards it is killed, or resumed with LeaveRunning.
+// On any error it is resumed untouched.
+func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
+	log := opt.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("component", "dump", "pid", opt.Pid)
+	start := time.Now()
+	if opt.Pid <= 0 {
+		return nil, fmt.Errorf("dump: invalid PID %d", opt.Pid)
+	}
+	status, err := checkProcess(opt.Pid)
+	if err != nil {
+		return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
+	}
+	if err := os.MkdirAll(opt.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
+	}
+
+	log.Debug("checked", "since_start", time.Since(start))
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+
+	c := &collector{pid: opt.Pid, status: status}
+	var p *imagepb.Process
+	var frozenAt time.Time
+	// Phase 1, on the tracer thread: freeze and collect.
+	err = tr.Do(func() error {
+		f, err := ptrace.Freeze(opt.Pid)
+		if err != nil {
+			return err
+		}
+		frozenAt = time.Now()
+		c.frozen = f
+		log.Debug("frozen", "threads", len(f.Tids))
+		if c.maps, err = proc.ReadSmaps(opt.Pid); err != nil {
+			return err
+		}
+		if c.stat, err = proc.ReadStat(opt.Pid); err != nil {
+			return err
+		}
+		if v := findMapping(c.maps, "[vdso]"); v != nil {
+			if c.gadget, err = ptrace.FindGadget(opt.Pid, v.Start, v.End); err != nil {
+				return err
+			}
+		}
+		p, err = c.process()
+		log.Debug("state collected", "threads", len(c.frozen.Tids), "vmas", len(c.maps), "since_freeze", time.Since(frozenAt))
+		return err
+	})
+	// From here on, every failure resumes the process.
+	resume := func(cause error) error {
+		if c.frozen == nil {
+			return cause
+		}
+		rerr := tr.Do(func() error { return c.frozen.Resume(c.gadget) })
+		if rerr != nil {
+			return fmt.Errorf("dump %d: %w (and resuming it failed: %v)", opt.Pid, cause, rerr)
+		}
+		log.Info("dump failed; process resumed", "err", cause)
+		return fmt.Errorf("dump %d: %w (the process was resumed)", opt.Pid, cause)
+	}
+	if err != nil {
+		if c.frozen == nil {
+			return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
+		}
+		return nil, resume(err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, resume(err)
+	}
+
+	// Phase 2: descriptors and memory, read while the process stays frozen.
+	ft := &fileTable{shellJob: opt.ShellJob}
+	if p.Fds, err = ft.dumpFDs(opt.Pid); err != nil {
+		return nil, resume(err)
+	}
+	d := image.Dir{Path: opt.Dir}
+	w, err := d.NewPageWriter(opt.Pid)
+	if err != nil {
+		return nil, resume(err)
+	}
+	log.Debug("descriptors collected", "fds", len(p.Fds), "since_freeze", time.Since(frozenAt))
+	ms, err := dumpMemory(opt.Pid, p.Vmas, w)
+	log.Debug("memory written", "pages", ms.written, "zero", ms.zero, "since_freeze", time.Since(frozenAt))
+	if err == nil {
+		err = w.Close()
+	} else {
+		_ = w.Close()
+	}
+	if err != nil {
+		return nil, resume(err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, resume(err)
+	}
+	inv := &imagepb.Inventory{
+		FormatVersion:   FormatVersion,
+		PhaulVersion:    Version,
+		KernelRelease:   sys.KernelRelease(),
+		PageSize:        pageSize,
+		CreatedUnixNano: time.Now().UnixNano(),
+		RootPid:         int32(opt.Pid),
+		Processes: []*imagepb.ProcessEntry{{
+			Pid: int32(opt.Pid), Ppid: int32(c.stat.Ppid), Pgid: int32(c.stat.Pgrp), Sid: int32(c.stat.Session),
+		}},
+		XsaveFeatures: xsaveFeatures(p),
+		ShellJob:      opt.ShellJob,
+	}
+	res := &DumpResult{
+		Pid: opt.Pid, Threads: len(p.Threads),
+		PagesScanned: ms.scanned, PagesWritten: ms.written, PagesZero: ms.zero,
+		BytesWritten: ms.written * pageSize,
+	}
+	inv.Stats = &imagepb.DumpStats{
+		PagesScanned: res.PagesScanned, PagesWritten: res.PagesWritten, PagesZero: res.PagesZero,
+		BytesWritten: res.BytesWritten, FrozenNs: uint64(time.Since(frozenAt)), DurationNs: uint64(time.Since(start)),
+	}
+	// Every image is on disk before the process may die; the inventory
+	// goes last: a directory without one is not an image.
+	if err := errors.Join(d.WriteProcess(p), d.WriteFiles(&ft.table)); err != nil {
+		return nil, resume(err)
+	}
+	if err := d.WriteInventory(inv); err != nil {
+		return nil, resume(err)
+	}
+
+	// Phase 3: kill or resume.
+	if opt.LeaveRunning {
+		err = tr.Do(func() error { return c.frozen.Resume(c.gadget) })
+	} else {
+		err = tr.Do(func() error { return c.frozen.Kill() })
+		res.Killed = true
+	}
+	res.Frozen = time.Since(frozenAt)
+	res.Duration = time.Since(start)
+	res.FrozenMS = float64(res.Frozen.Microseconds()) / 1000
+	res.DurationMS = float64(res.Duration.Microseconds()) / 1000
+	if err != nil {
+		return res, fmt.Errorf("dump %d: images written, but: %w", opt.Pid, err)
+	}
+	log.Info("dumped", "pages", res.PagesWritten, "frozen", res.Frozen, "took", res.Duration)
+	return res, nil
+}
+
+// xsaveFeatures returns the xfeatures mask the kernel records in the
+// software-reserved bytes of the FXSAVE area of a thread's xstate
+// (struct _fpx_sw_bytes at offset 464: magic1, extended_size, xfeatures).
+func xsaveFeatures(p *imagepb.Process) uint64 {
+	if len(p.Threads) == 0 {
+		return 0
+	}
+	return xfeatures(p.Threads[0].Xstate)
+}
+
+func xfeatures(x []byte) uint64 {
+	if len(x) < 480 {
+		return 0
+	}
+	var v uint64
+	for i := 7; i >= 0; i-- {
+		v = v<<8 | uint64(x[472+i])
+	}
+	return v
+}

@@ -1,0 +1,188 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/phaul/phaul/engine/proc"
+	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/protocol/imagepb"
+)
+
+// safeCharDevs are character devices that hold no per-open state, so
+// opening them again by path recreates the descriptor exactly.
+var safeCharDevs = map[string]bool{
+	"/dev/null": true, "/dev/zero": true, "/dev/full": true,
+	"/dev/random": true, "/dev/urandom": true,
+}
+
+// oCloexec is O_CLOEXEC as fdinfo's flags field reports it.
+const oCloexec = 0o2000000
+
+// fileTable collects the open descriptors of a process.
+type fileTable struct {
+	shellJob bool
+	table    imagepb.FileTable
+}
+
+// dumpFDs describes every descriptor of pid, refusing the kinds phaul cannot
+// restore yet with an error naming the descriptor.
+func (ft *fileTable) dumpFDs(pid int) ([]*imagepb.FD, error) {
+	fds, err := proc.ListFDs(pid)
+	if err != nil {
+		return nil, err
+	}
+	var out []*imagepb.FD
+	for _, fd := range fds {
+		f, cloexec, err := ft.describe(pid, fd)
+		if err != nil {
+			return nil, err
+		}
+		f.Id = uint32(len(ft.table.Files) + 1)
+		ft.table.Files = append(ft.table.Files, f)
+		out = append(out, &imagepb.FD{Fd: int32(fd), FileId: f.Id, Cloexec: cloexec})
+	}
+	return out, nil
+}
+
+func (ft *fileTable) describe(pid, fd int) (*imagepb.File, bool, error) {
+	link, err := proc.ReadFDLink(pid, fd)
+	if err != nil {
+		return nil, false, err
+	}
+	info, err := proc.ReadFDInfo(pid, fd)
+	if err != nil {
+		return nil, false, err
+	}
+	cloexec := info.Flags&oCloexec != 0
+	f := &imagepb.File{Path: link, Flags: info.Flags &^ oCloexec, Pos: info.Pos}
+	switch link {
+	case "anon_inode:[eventfd]":
+		ev, err := eventfdState(info)
+		if err != nil {
+			return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
+		}
+		f.Kind, f.Eventfd = imagepb.FileKind_FILE_EVENTFD, ev
+		return f, cloexec, nil
+	case "anon_inode:[eventpoll]":
+		ep, err := epollState(pid, info)
+		if err != nil {
+			return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
+		}
+		f.Kind, f.Epoll = imagepb.FileKind_FILE_EPOLL, ep
+		return f, cloexec, nil
+	}
+	if !strings.HasPrefix(link, "/") {
+		return nil, false, unsupported("descriptor %d (%s)%s", fd, link, kindHint(link))
+	}
+	if strings.HasSuffix(link, " (deleted)") {
+		return nil, false, unsupported("descriptor %d refers to the deleted file %s", fd, strings.TrimSuffix(link, " (deleted)"))
+	}
+	fi, err := os.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, fd))
+	if err != nil {
+		return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	f.Mode, f.Dev, f.Inode, f.Rdev, f.Size = st.Mode, st.Dev, st.Ino, st.Rdev, st.Size
+	switch {
+	case isTerminal(link, fi):
+		if !ft.shellJob {
+			return nil, false, unsupported("descriptor %d is the terminal %s; dump a process attached to a terminal with --shell-job", fd, link)
+		}
+		f.Kind = imagepb.FileKind_FILE_INHERITED
+		f.InheritFd = int32(fd)
+		if fd > 2 {
+			f.InheritFd = 0
+		}
+	case fi.Mode().IsRegular():
+		f.Kind = imagepb.FileKind_FILE_REGULAR
+	case fi.IsDir():
+		f.Kind = imagepb.FileKind_FILE_DIRECTORY
+	case fi.Mode()&os.ModeCharDevice != 0:
+		if !safeCharDevs[link] {
+			return nil, false, unsupported("descriptor %d is the character device %s", fd, link)
+		}
+		f.Kind = imagepb.FileKind_FILE_CHARDEV
+	case fi.Mode()&os.ModeNamedPipe != 0:
+		return nil, false, unsupported("descriptor %d is the FIFO %s", fd, link)
+	default:
+		return nil, false, unsupported("descriptor %d (%s, %s)", fd, link, fi.Mode().Type())
+	}
+	return f, cloexec, nil
+}
+
+func isTerminal(link string, fi os.FileInfo) bool {
+	if fi.Mode()&os.ModeCharDevice == 0 {
+		return false
+	}
+	return strings.HasPrefix(link, "/dev/pts/") || strings.HasPrefix(link, "/dev/tty") || link == "/dev/console"
+}
+
+// kindHint says what a non-path descriptor is, for error messages.
+func kindHint(link string) string {
+	switch {
+	case strings.HasPrefix(link, "socket:"):
+		return ": sockets are not supported yet"
+	case strings.HasPrefix(link, "pipe:"):
+		return ": pipes are not supported yet"
+	case strings.HasPrefix(link, "anon_inode:"):
+		return ": " + strings.Trim(strings.TrimPrefix(link, "anon_inode:"), "[]") + " descriptors are not supported yet"
+	}
+	return ""
+}
+
+// openFlags are the fdinfo flags that open(2) or fcntl(F_SETFL) restore.
+const openFlags = sys.O_ACCMODE | sys.O_APPEND | sys.O_NONBLOCK | sys.O_DIRECTORY | sys.O_LARGEFILE |
+	0o40000 /* O_DIRECT */ | 0o10000 /* O_DSYNC */ | 0o4010000 /* O_SYNC */ | 0o1000000 /* O_NOATIME */ | sys.O_PATH
+
+// eventfdState reads an eventfd's counter and mode from its fdinfo.
+func eventfdState(info *proc.FDInfo) (*imagepb.EventFD, error) {
+	cnt, ok := info.Get("eventfd-count")
+	if !ok {
+		return nil, fmt.Errorf("eventfd without eventfd-count in fdinfo")
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(cnt), 16, 64)
+	if err != nil {
+		return nil, fmt.Errorf("eventfd count %q: %w", cnt, err)
+	}
+	sem, _ := info.Get("eventfd-semaphore")
+	return &imagepb.EventFD{Count: n, Semaphore: strings.TrimSpace(sem) == "1"}, nil
+}
+
+// epollState reads an epoll's interest list from its fdinfo. Every target
+// must still be the descriptor it was registered as (same number, same
+// inode): an epoll watching a closed or moved descriptor is refused.
+func epollState(pid int, info *proc.FDInfo) (*imagepb.Epoll, error) {
+	ep := &imagepb.Epoll{}
+	for _, kv := range info.Extra {
+		if kv[0] != "tfd" {
+			continue
+		}
+		// "6 events: 19 data: 5b81d0  pos:0 ino:40e sdev:10"
+		fields := strings.Fields(strings.NewReplacer(":", " ").Replace(kv[1]))
+		vals := map[string]string{}
+		if len(fields) > 0 {
+			vals["tfd"] = fields[0]
+		}
+		for i := 1; i+1 < len(fields); i += 2 {
+			vals[fields[i]] = fields[i+1]
+		}
+		tfd, err1 := strconv.Atoi(vals["tfd"])
+		ev, err2 := strconv.ParseUint(vals["events"], 16, 32)
+		data, err3 := strconv.ParseUint(vals["data"], 16, 64)
+		ino, err4 := strconv.ParseUint(vals["ino"], 16, 64)
+		if err := errors.Join(err1, err2, err3, err4); err != nil {
+			return nil, fmt.Errorf("epoll target %q: %w", kv[1], err)
+		}
+		fi, err := os.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, tfd))
+		if err != nil || fi.Sys().(*syscall.Stat_t).Ino != ino {
+			return nil, unsupported("epoll watches descriptor %d (inode %d), which is no longer open as that descriptor", tfd, ino)
+		}
+		ep.Targets = append(ep.Targets, &imagepb.EpollTarget{Fd: int32(tfd), Events: uint32(ev), Data: data})
+	}
+	return ep, nil
+}

@@ -1,0 +1,218 @@
+package engine
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/phaul/phaul/engine/image"
+	"github.com/phaul/phaul/engine/proc"
+	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/protocol/imagepb"
+)
+
+const pageSize = 4096
+
+// pageRange is a run of pages: [addr, addr+n*pageSize).
+type pageRange struct {
+	addr uint64
+	n    uint64
+}
+
+// memStats counts what a memory dump did.
+type memStats struct {
+	scanned, written, zero uint64
+}
+
+// savedPages returns the runs of pages of v whose contents belong in the
+// image, judged from the pagemap: present or swapped pages of anonymous
+// memory, and of private file mappings only the copied-on-write ones.
+func savedPages(pm *proc.Pagemap, v *imagepb.VMA, ents []uint64) ([]pageRange, []uint64, error) {
+	n := (v.End - v.Start) / pageSize
+	if uint64(cap(ents)) < n {
+		ents = make([]uint64, n)
+	}
+	ents = ents[:n]
+	if err := pm.Read(v.Start, ents); err != nil {
+		return nil, ents, err
+	}
+	fileBacked := v.Kind == imagepb.VMAKind_VMA_FILE_PRIVATE
+	var runs []pageRange
+	for i := uint64(0); i < n; i++ {
+		e := ents[i]
+		keep := e&(proc.PMPresent|proc.PMSwapped) != 0
+		if fileBacked && e&proc.PMPresent != 0 && e&proc.PMFile != 0 {
+			keep = false // still the file's page: restored by mapping the file
+		}
+		if !keep {
+			continue
+		}
+		addr := v.Start + i*pageSize
+		if k := len(runs) - 1; k >= 0 && runs[k].addr+runs[k].n*pageSize == addr {
+			runs[k].n++
+		} else {
+			runs = append(runs, pageRange{addr: addr, n: 1})
+		}
+	}
+	return runs, ents, nil
+}
+
+// batchSize is how much memory one read moves.
+const batchSize = 8 << 20
+
+// batch is memory read from the process, ready to be written.
+type batch struct {
+	buf  []byte
+	segs []segment
+	err  error
+}
+
+// segment is part of a batch: data pages at addr, or n zero pages.
+type segment struct {
+	addr uint64
+	data []byte // nil for zero pages
+	zero uint64
+}
+
+// dumpMemory copies the saved pages of every VMA into w. Reading (with
+// process_vm_readv, or /proc/PID/mem for unreadable mappings) and zero-page
+// detection run in one goroutine, checksumming and writing in another.
+func dumpMemory(pid int, vmas []*imagepb.VMA, w *image.PageWriter) (memStats, error) {
+	var st memStats
+	pm, err := proc.OpenPagemap(pid)
+	if err != nil {
+		return st, err
+	}
+	defer pm.Close()
+	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
+	if err != nil {
+		return st, fmt.Errorf("open memory of %d: %w", pid, err)
+	}
+	defer mem.Close()
+
+	free := make(chan []byte, 3)
+	for i := 0; i < 3; i++ {
+		free <- make([]byte, batchSize)
+	}
+	full := make(chan batch, 2)
+	done := make(chan struct{})
+	defer close(done)
+
+	go func() {
+		defer close(full)
+		var ents []uint64
+		for _, v := range vmas {
+			if !hasPages(v) {
+				continue
+			}
+			var runs []pageRange
+			var err error
+			runs, ents, err = savedPages(pm, v, ents)
+			if err != nil {
+				full <- batch{err: err}
+				return
+			}
+			st.scanned += (v.End - v.Start) / pageSize
+			readable := v.Prot&sys.PROT_READ != 0
+			for len(runs) > 0 {
+				var buf []byte
+				select {
+				case buf = <-free:
+				case <-done:
+					return
+				}
+				b, rest, err := readBatch(pid, mem, readable, runs, buf)
+				runs = rest
+				if err != nil {
+					full <- batch{err: fmt.Errorf("read memory of %d in %#x-%#x: %w", pid, v.Start, v.End, err)}
+					return
+				}
+				full <- b
+			}
+		}
+	}()
+
+	for b := range full {
+		if b.err != nil {
+			return st, b.err
+		}
+		for _, s := range b.segs {
+			if s.data == nil {
+				st.zero += s.zero
+				if err := w.AddZeroRun(s.addr, s.zero); err != nil {
+					return st, err
+				}
+				continue
+			}
+			st.written += uint64(len(s.data)) / pageSize
+			if err := w.AddRun(s.addr, s.data); err != nil {
+				return st, err
+			}
+		}
+		free <- b.buf
+	}
+	return st, nil
+}
+
+// readBatch reads as many of runs as fit in buf and splits what it read
+// into data and zero segments. It returns the runs left over.
+func readBatch(pid int, mem *os.File, readable bool, runs []pageRange, buf []byte) (batch, []pageRange, error) {
+	b := batch{buf: buf}
+	var local [][]byte
+	var remote []sys.RemoteIovec
+	var taken []pageRange
+	used := 0
+	for len(runs) > 0 && used < len(buf) && len(remote) < 1024 {
+		r := runs[0]
+		room := uint64(len(buf)-used) / pageSize
+		take := r
+		if take.n > room {
+			take.n = room
+			runs[0] = pageRange{addr: r.addr + room*pageSize, n: r.n - room}
+		} else {
+			runs = runs[1:]
+		}
+		size := int(take.n * pageSize)
+		local = append(local, buf[used:used+size])
+		remote = append(remote, sys.RemoteIovec{Base: uintptr(take.addr), Len: size})
+		taken = append(taken, take)
+		used += size
+	}
+	if readable {
+		n, err := sys.ProcessVMReadv(pid, local, remote)
+		if err != nil {
+			return b, runs, err
+		}
+		if n != used {
+			return b, runs, fmt.Errorf("short read: %d of %d bytes", n, used)
+		}
+	} else {
+		for i, l := range local {
+			if _, err := mem.ReadAt(l, int64(remote[i].Base)); err != nil {
+				return b, runs, err
+			}
+		}
+	}
+	// Split into data and zero segments, page by page.
+	off := 0
+	for _, r := range taken {
+		for p := uint64(0); p < r.n; p++ {
+			page := buf[off : off+pageSize]
+			addr := r.addr + p*pageSize
+			zero := image.IsZero(page)
+			last := len(b.segs) - 1
+			switch {
+			case zero && last >= 0 && b.segs[last].data == nil && b.segs[last].addr+b.segs[last].zero*pageSize == addr:
+				b.segs[last].zero++
+			case zero:
+				b.segs = append(b.segs, segment{addr: addr, zero: 1})
+			case last >= 0 && b.segs[last].data != nil && b.segs[last].addr+uint64(len(b.segs[last].data)) == addr:
+				// Address-adjacent pages of one batch are adjacent in buf too.
+				b.segs[last].data = b.segs[last].data[:len(b.segs[last].data)+pageSize]
+			default:
+				b.segs = append(b.segs, segment{addr: addr, data: page})
+			}
+			off += pageSize
+		}
+	}
+	return b, runs, nil
+}

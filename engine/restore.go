@@ -1,0 +1,277 @@
+package engine
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/phaul/phaul/engine/image"
+	"github.com/phaul/phaul/engine/proc"
+	"github.com/phaul/phaul/engine/ptrace"
+	"github.com/phaul/phaul/engine/stub"
+	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/protocol/imagepb"
+)
+
+// RestoreOptions configures Restore.
+type RestoreOptions struct {
+	// Dir is the image directory.
+	Dir string
+	// ShellJob re-binds the terminal descriptors of a --shell-job image to
+	// Stdio; an image dumped with --shell-job needs it.
+	ShellJob bool
+	// Stdio are the descriptors a --shell-job image re-binds its terminal
+	// descriptors to (nil entries mean /dev/null).
+	Stdio [3]*os.File
+	// Logger receives progress; nil discards it.
+	Logger *slog.Logger
+}
+
+// RestoreResult reports what a restore did.
+type RestoreResult struct {
+	Pid           int           `json:"pid"`
+	Threads       int           `json:"threads"`
+	PagesRestored uint64        `json:"pages_restored"`
+	Duration      time.Duration `json:"-"`
+	DurationMS    float64       `json:"duration_ms"`
+}
+
+// Restore recreates the process of an image directory, with its PID and
+// TIDs, and lets it run. The restored process is a child of the calling
+// process, which must reap it. On error nothing of it is left running.
+func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
+	log := opt.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	start := time.Now()
+	cp, err := image.Load(opt.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("restore %s: %w", opt.Dir, err)
+	}
+	if cp.Inventory.GetPredump() {
+		return nil, fmt.Errorf("restore %s: %w: a pre-dump holds memory only; restore its final dump", opt.Dir, ErrBadImage)
+	}
+	if cp.Inventory.GetShellJob() && !opt.ShellJob {
+		return nil, fmt.Errorf("restore %s: %w: the image was dumped with --shell-job; restore it with --shell-job", opt.Dir, ErrBadImage)
+	}
+	if len(cp.Processes) != 1 {
+		return nil, unsupported("restore %s: image holds %d processes; restoring process trees", opt.Dir, len(cp.Processes))
+	}
+	ip := cp.Processes[0]
+	r := &restorer{
+		opt: opt, cp: cp, img: ip.State, pid: int(ip.State.GetPid()),
+		log: log.With("component", "restore", "pid", ip.State.GetPid()),
+	}
+	if err := r.precheck(); err != nil {
+		return nil, fmt.Errorf("restore %d: %w", r.pid, err)
+	}
+	chain, err := image.OpenChain(opt.Dir, r.pid)
+	if err != nil {
+		return nil, fmt.Errorf("restore %d: %w", r.pid, err)
+	}
+	defer chain.Close()
+	r.chain = chain
+
+	r.tr = ptrace.NewTracer()
+	defer r.tr.Close()
+	if err := r.run(ctx); err != nil {
+		r.abort()
+		return nil, fmt.Errorf("restore %d: %w", r.pid, err)
+	}
+	res := &RestoreResult{Pid: r.pid, Threads: len(r.img.Threads), PagesRestored: r.pagesRestored, Duration: time.Since(start)}
+	res.DurationMS = float64(res.Duration.Microseconds()) / 1000
+	r.log.Info("restored", "took", res.Duration)
+	return res, nil
+}
+
+// restorer holds the state of one restore.
+type restorer struct {
+	opt   RestoreOptions
+	cp    *image.Checkpoint
+	img   *imagepb.Process
+	pid   int
+	chain *image.Chain
+	log   *slog.Logger
+	tr    *ptrace.Tracer
+
+	stub    *stub.Process // the stub that forks the process
+	created []int         // TIDs of the restored process, main thread first
+	main    *ptrace.Injector
+	gadget  uint64
+	scratch uint64
+	// widened are VMAs mapped writable only so their pages can be written.
+	widened       []*imagepb.VMA
+	pagesRestored uint64
+}
+
+// precheck refuses early what would make the restore fail half-way.
+func (r *restorer) precheck() error {
+	for _, th := range r.img.Threads {
+		if err := pidFree(int(th.Tid)); err != nil {
+			return err
+		}
+	}
+	for _, v := range r.img.Vmas {
+		if v.Kind != imagepb.VMAKind_VMA_FILE_PRIVATE && v.Kind != imagepb.VMAKind_VMA_FILE_SHARED {
+			continue
+		}
+		fi, err := os.Stat(v.Path)
+		if err != nil {
+			return fmt.Errorf("mapped file: %w", err)
+		}
+		if fi.Size() != v.FileSize {
+			return fmt.Errorf("%w: mapped file %s is %d bytes, it was %d at dump time", ErrBadImage, v.Path, fi.Size(), v.FileSize)
+		}
+	}
+	if _, err := os.Stat(r.img.Exe); err != nil {
+		return fmt.Errorf("executable: %w", err)
+	}
+	return nil
+}
+
+// pidFree reports ErrPidTaken, naming the holder, when pid is in use.
+func pidFree(pid int) error {
+	comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	holder := strings.TrimSpace(string(comm))
+	if holder == "" {
+		holder = "unknown"
+	}
+	if st, err := proc.ReadStat(pid); err == nil && st.State == 'Z' {
+		return fmt.Errorf("%w: PID %d is held by a zombie (%s) that its parent, PID %d, has not reaped yet", ErrPidTaken, pid, holder, st.Ppid)
+	}
+	return fmt.Errorf("%w: PID %d belongs to a running process (%s); restore needs it free, or run phaul restore in a new PID namespace", ErrPidTaken, pid, holder)
+}
+
+// abort kills whatever was created.
+func (r *restorer) abort() {
+	_ = r.tr.Do(func() error {
+		if len(r.created) > 0 {
+			_ = sys.Kill(r.pid, sys.SIGKILL)
+			ptrace.ReapThreads(r.created)
+		}
+		if r.stub != nil {
+			_ = sys.Kill(r.stub.Pid, sys.SIGKILL)
+			ptrace.ReapThreads([]int{r.stub.Pid})
+		}
+		return nil
+	})
+}
+
+func (r *restorer) run(ctx context.Context) error {
+	var err error
+	if r.stub, err = stub.Start(r.opt.Stdio); err != nil {
+		return err
+	}
+	if err := r.stub.WaitPaused(5 * time.Second); err != nil {
+		return err
+	}
+	if err := r.tr.Do(r.fork); err != nil {
+		return err
+	}
+	if err := r.tr.Do(r.layout); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := r.writePages(ctx); err != nil {
+		return err
+	}
+	if err := r.tr.Do(r.finish); err != nil {
+		return err
+	}
+	return nil
+}
+
+// cloneArgs encodes struct clone_args (the 88-byte version).
+func cloneArgs(flags, exitSignal, setTid uint64) []byte {
+	b := make([]byte, 88)
+	binary.LittleEndian.PutUint64(b[0:], flags)
+	binary.LittleEndian.PutUint64(b[32:], exitSignal)
+	binary.LittleEndian.PutUint64(b[64:], setTid)
+	binary.LittleEndian.PutUint64(b[72:], 1) // set_tid_size
+	return b
+}
+
+// fork makes the stub fork a process with the dumped PID, a child of this
+// process (CLONE_PARENT: it inherits the stub's exit signal, SIGCHLD), and
+// gets rid of the stub.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) fork() error {
+	s := r.stub
+	f, err := ptrace.Freeze(s.Pid)
+	if err != nil {
+		return fmt.Errorf("seize restore stub: %w", err)
+	}
+	_ = f
+	// The CPU must offer every state component the image's threads use.
+	xs := make([]byte, maxXstate)
+	n, err := sys.PtraceGetRegSet(s.Pid, sys.NT_X86_XSTATE, xs)
+	if err != nil {
+		return fmt.Errorf("xstate of restore stub: %w", err)
+	}
+	have := xfeatures(xs[:n])
+	if want := r.cp.Inventory.GetXsaveFeatures(); want&^have != 0 {
+		return fmt.Errorf("%w: the image uses CPU state components %#x this CPU lacks (it has %#x)", ErrBadImage, want&^have, have)
+	}
+	if err := sys.PtraceSetOptions(s.Pid, sys.PTRACE_O_TRACESYSGOOD|sys.PTRACE_O_TRACEFORK|sys.PTRACE_O_TRACECLONE); err != nil {
+		return fmt.Errorf("restore stub options: %w", err)
+	}
+	r.gadget = stub.Base + stub.GadgetOffset
+	in, err := ptrace.NewInjector(s.Pid, r.gadget)
+	if err != nil {
+		return err
+	}
+	scratch, err := in.MapScratch(4096)
+	if err != nil {
+		return err
+	}
+	tid := make([]byte, 4)
+	binary.LittleEndian.PutUint32(tid, uint32(r.pid))
+	if err := errors.Join(in.WriteMemory(scratch+256, tid),
+		in.WriteMemory(scratch, cloneArgs(sys.CLONE_PARENT, 0, scratch+256))); err != nil {
+		return err
+	}
+	got, err := in.Syscall(sys.SYS_CLONE3, scratch, 88)
+	if err != nil {
+		if errors.Is(err, sys.EEXIST) {
+			return pidFree(r.pid)
+		}
+		return fmt.Errorf("clone3 with PID %d: %w", r.pid, err)
+	}
+	if int(got) != r.pid {
+		return fmt.Errorf("clone3 gave PID %d, asked for %d", got, r.pid)
+	}
+	r.created = append(r.created, r.pid)
+	// The child starts in a ptrace stop (auto-attached through the fork).
+	for {
+		st, err := ptrace.Wait(r.pid)
+		if err != nil {
+			return err
+		}
+		if st.Exited() {
+			return fmt.Errorf("new process %d died: %s", r.pid, st)
+		}
+		if st.IsEventStop() {
+			break
+		}
+		if err := sys.PtraceCont(r.pid, 0); err != nil {
+			return err
+		}
+	}
+	// The stub's work is done.
+	_ = sys.Kill(s.Pid, sys.SIGKILL)
+	ptrace.ReapThreads([]int{s.Pid})
+	r.stub = nil
+	return nil
+}

@@ -1,0 +1,456 @@
+package engine
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/phaul/phaul/engine/proc"
+	"github.com/phaul/phaul/engine/ptrace"
+	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/protocol/imagepb"
+)
+
+// finish restores everything but memory contents, creates the other
+// threads, and lets the process run.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) finish() error {
+	in := r.main
+	for _, v := range r.widened {
+		if _, err := in.Syscall(sys.SYS_MPROTECT, v.Start, v.End-v.Start, uint64(v.Prot)); err != nil {
+			return fmt.Errorf("mprotect %#x-%#x: %w", v.Start, v.End, err)
+		}
+	}
+	steps := []struct {
+		what string
+		fn   func() error
+	}{
+		{"memory layout fields", r.setMM},
+		{"identity", r.setIdentity},
+		{"descriptors", r.setFiles},
+		{"signal handlers", r.setSigactions},
+		{"timers and limits", r.setTimers},
+		{"threads", r.createThreads},
+		{"main thread", func() error { return r.setThread(in, r.img.Threads[0]) }},
+		{"pending signals", r.queueSignals},
+	}
+	for _, s := range steps {
+		if err := s.fn(); err != nil {
+			return fmt.Errorf("restore %s: %w", s.what, err)
+		}
+	}
+	if err := in.UnmapScratch(); err != nil {
+		return err
+	}
+	if err := in.Close(); err != nil {
+		return err
+	}
+	for _, tid := range r.created {
+		if err := sys.PtraceDetach(tid, 0); err != nil {
+			return fmt.Errorf("detach thread %d: %w", tid, err)
+		}
+	}
+	return nil
+}
+
+// setIdentity restores the session and process group, working directory,
+// root, umask, personality and no_new_privs.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) setIdentity() error {
+	in, p := r.main, r.img
+	entry := r.cp.Processes[0].Entry
+	switch {
+	case r.cp.Inventory.GetShellJob():
+		// A shell job joins the restorer's session and terminal.
+	case entry.GetSid() == int32(r.pid):
+		if _, err := in.Syscall(sys.SYS_SETSID); err != nil {
+			return fmt.Errorf("setsid: %w", err)
+		}
+	case entry.GetPgid() == int32(r.pid):
+		if _, err := in.Syscall(sys.SYS_SETPGID, 0, 0); err != nil {
+			return fmt.Errorf("setpgid: %w", err)
+		}
+	}
+	if p.Root != "/" {
+		if err := in.WriteMemory(r.scratch, ptrace.CString(p.Root)); err != nil {
+			return err
+		}
+		if _, err := in.Syscall(sys.SYS_CHROOT, r.scratch); err != nil {
+			return fmt.Errorf("chroot %s: %w", p.Root, err)
+		}
+	}
+	if err := in.WriteMemory(r.scratch, ptrace.CString(p.Cwd)); err != nil {
+		return err
+	}
+	if _, err := in.Syscall(sys.SYS_CHDIR, r.scratch); err != nil {
+		return fmt.Errorf("chdir %s: %w", p.Cwd, err)
+	}
+	if _, err := in.Syscall(sys.SYS_UMASK, uint64(p.Umask)); err != nil {
+		return fmt.Errorf("umask: %w", err)
+	}
+	if _, err := in.Syscall(sys.SYS_PERSONALITY, uint64(p.Personality)); err != nil {
+		return fmt.Errorf("personality %#x: %w", p.Personality, err)
+	}
+	if p.NoNewPrivs {
+		if _, err := in.Syscall(sys.SYS_PRCTL, sys.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return fmt.Errorf("no_new_privs: %w", err)
+		}
+	}
+	return nil
+}
+
+// setFiles makes the process's descriptor table the image's.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) setFiles() error {
+	in := r.main
+	files := map[uint32]*imagepb.File{}
+	for _, f := range r.cp.Files.GetFiles() {
+		files[f.Id] = f
+	}
+	// The stub's stdio (the restorer's own, for a shell job) is parked above
+	// every descriptor of the image, then everything else is closed.
+	base := 3
+	for _, fd := range r.img.Fds {
+		base = max(base, int(fd.Fd)+1)
+	}
+	for i := 0; i < 3; i++ {
+		if _, err := in.Syscall(sys.SYS_DUP3, uint64(i), uint64(base+i), sys.O_CLOEXEC); err != nil {
+			return fmt.Errorf("park stdio %d: %w", i, err)
+		}
+	}
+	open, err := proc.ListFDs(r.pid)
+	if err != nil {
+		return err
+	}
+	for _, fd := range open {
+		if fd < base || fd > base+2 {
+			if _, err := in.Syscall(sys.SYS_CLOSE, uint64(fd)); err != nil {
+				return fmt.Errorf("close stub descriptor %d: %w", fd, err)
+			}
+		}
+	}
+	for _, fd := range r.img.Fds {
+		f := files[fd.FileId]
+		if f == nil {
+			return fmt.Errorf("%w: descriptor %d refers to missing file %d", ErrBadImage, fd.Fd, fd.FileId)
+		}
+		var flags uint64
+		if fd.Cloexec {
+			flags = sys.O_CLOEXEC
+		}
+		if f.Kind == imagepb.FileKind_FILE_INHERITED {
+			if f.InheritFd < 0 || f.InheritFd > 2 {
+				return fmt.Errorf("%w: descriptor %d inherits stdio %d", ErrBadImage, fd.Fd, f.InheritFd)
+			}
+			if _, err := in.Syscall(sys.SYS_DUP3, uint64(base+int(f.InheritFd)), uint64(fd.Fd), flags); err != nil {
+				return fmt.Errorf("descriptor %d from the restorer's stdio: %w", fd.Fd, err)
+			}
+			continue
+		}
+		tmp, err := r.openFile(f)
+		if err != nil {
+			return fmt.Errorf("descriptor %d (%s): %w", fd.Fd, f.Path, err)
+		}
+		if tmp != uint64(fd.Fd) {
+			if _, err := in.Syscall(sys.SYS_DUP3, tmp, uint64(fd.Fd), flags); err != nil {
+				return fmt.Errorf("descriptor %d: dup3: %w", fd.Fd, err)
+			}
+			if _, err := in.Syscall(sys.SYS_CLOSE, tmp); err != nil {
+				return err
+			}
+		} else if !fd.Cloexec {
+			if _, err := in.Syscall(sys.SYS_FCNTL, tmp, sys.F_SETFD, 0); err != nil {
+				return err
+			}
+		}
+	}
+	for i := 0; i < 3; i++ {
+		if _, err := in.Syscall(sys.SYS_CLOSE, uint64(base+i)); err != nil {
+			return fmt.Errorf("close parked stdio: %w", err)
+		}
+	}
+	// Epoll interest lists, once every watched descriptor exists.
+	ev := make([]byte, 12) // struct epoll_event is packed on x86_64
+	for _, fd := range r.img.Fds {
+		f := files[fd.FileId]
+		if f.Kind != imagepb.FileKind_FILE_EPOLL {
+			continue
+		}
+		for _, t := range f.GetEpoll().GetTargets() {
+			binary.LittleEndian.PutUint32(ev[0:], t.Events)
+			binary.LittleEndian.PutUint64(ev[4:], t.Data)
+			if err := in.WriteMemory(r.scratch, ev); err != nil {
+				return err
+			}
+			if _, err := in.Syscall(sys.SYS_EPOLL_CTL, uint64(fd.Fd), sys.EPOLL_CTL_ADD, uint64(t.Fd), r.scratch); err != nil {
+				return fmt.Errorf("epoll %d: watch descriptor %d: %w", fd.Fd, t.Fd, err)
+			}
+		}
+	}
+	return nil
+}
+
+// openFile opens f in the process and positions it; it returns the new
+// descriptor (close-on-exec).
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) openFile(f *imagepb.File) (uint64, error) {
+	in := r.main
+	switch f.Kind {
+	case imagepb.FileKind_FILE_REGULAR, imagepb.FileKind_FILE_CHARDEV, imagepb.FileKind_FILE_DIRECTORY:
+	case imagepb.FileKind_FILE_EVENTFD:
+		return r.openEventfd(f)
+	case imagepb.FileKind_FILE_EPOLL:
+		fd, err := in.Syscall(sys.SYS_EPOLL_CREATE1, sys.O_CLOEXEC)
+		if err != nil {
+			return 0, fmt.Errorf("epoll_create1: %w", err)
+		}
+		return fd, nil
+	default:
+		return 0, fmt.Errorf("%w: file kind %v", ErrUnsupported, f.Kind)
+	}
+	if err := in.WriteMemory(r.scratch, ptrace.CString(f.Path)); err != nil {
+		return 0, err
+	}
+	flags := uint64(f.Flags&openFlags) | sys.O_CLOEXEC
+	fd, err := in.Syscall(sys.SYS_OPENAT, atFDCWD, r.scratch, flags)
+	if err != nil {
+		return 0, fmt.Errorf("open: %w", err)
+	}
+	if f.Kind == imagepb.FileKind_FILE_REGULAR && f.Pos != 0 {
+		if _, err := in.Syscall(sys.SYS_LSEEK, fd, uint64(f.Pos), 0); err != nil {
+			return 0, fmt.Errorf("seek to %d: %w", f.Pos, err)
+		}
+	}
+	return fd, nil
+}
+
+// setSigactions installs the signal handlers.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) setSigactions() error {
+	in := r.main
+	b := make([]byte, 32)
+	for _, a := range r.img.Sigactions {
+		binary.LittleEndian.PutUint64(b[0:], a.Handler)
+		binary.LittleEndian.PutUint64(b[8:], a.Flags)
+		binary.LittleEndian.PutUint64(b[16:], a.Restorer)
+		binary.LittleEndian.PutUint64(b[24:], a.Mask)
+		if err := in.WriteMemory(r.scratch, b); err != nil {
+			return err
+		}
+		if _, err := in.Syscall(sys.SYS_RT_SIGACTION, uint64(a.Signo), r.scratch, 0, 8); err != nil {
+			return fmt.Errorf("signal %d: %w", a.Signo, err)
+		}
+	}
+	return nil
+}
+
+// setTimers restores interval timers and resource limits.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) setTimers() error {
+	in := r.main
+	for _, t := range r.img.Itimers {
+		b := make([]byte, 32)
+		put := func(o int, us int64) {
+			binary.LittleEndian.PutUint64(b[o:], uint64(us/1e6))
+			binary.LittleEndian.PutUint64(b[o+8:], uint64(us%1e6))
+		}
+		put(0, t.IntervalUs)
+		put(16, t.ValueUs)
+		if err := in.WriteMemory(r.scratch, b); err != nil {
+			return err
+		}
+		if _, err := in.Syscall(sys.SYS_SETITIMER, uint64(t.Which), r.scratch, 0); err != nil {
+			return fmt.Errorf("setitimer %d: %w", t.Which, err)
+		}
+	}
+	for _, l := range r.img.Rlimits {
+		lim := sys.Rlimit{Cur: l.Cur, Max: l.Max}
+		if _, err := sys.Prlimit(r.pid, int(l.Resource), &lim); err != nil {
+			return fmt.Errorf("resource limit %d: %w", l.Resource, err)
+		}
+	}
+	return nil
+}
+
+// threadFlags are the clone flags of a thread of the same process.
+const threadFlags = sys.CLONE_VM | sys.CLONE_FS | sys.CLONE_FILES | sys.CLONE_SIGHAND | sys.CLONE_THREAD | sys.CLONE_SYSVSEM
+
+// createThreads clones every thread but the main one with its TID and
+// gives it its state.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) createThreads() error {
+	in := r.main
+	for _, th := range r.img.Threads[1:] {
+		tid := make([]byte, 4)
+		binary.LittleEndian.PutUint32(tid, uint32(th.Tid))
+		if err := errors.Join(in.WriteMemory(r.scratch+256, tid),
+			in.WriteMemory(r.scratch, cloneArgs(threadFlags, 0, r.scratch+256))); err != nil {
+			return err
+		}
+		got, err := in.Syscall(sys.SYS_CLONE3, r.scratch, 88)
+		if err != nil {
+			if errors.Is(err, sys.EEXIST) {
+				return pidFree(int(th.Tid))
+			}
+			return fmt.Errorf("clone3 thread %d: %w", th.Tid, err)
+		}
+		if int(got) != int(th.Tid) {
+			return fmt.Errorf("clone3 gave TID %d, asked for %d", got, th.Tid)
+		}
+		r.created = append(r.created, int(th.Tid))
+		for {
+			st, err := ptrace.Wait(int(th.Tid))
+			if err != nil {
+				return err
+			}
+			if st.Exited() {
+				return fmt.Errorf("new thread %d died: %s", th.Tid, st)
+			}
+			if st.IsEventStop() {
+				break
+			}
+			if err := sys.PtraceCont(int(th.Tid), 0); err != nil {
+				return err
+			}
+		}
+		tin, err := ptrace.NewInjector(int(th.Tid), r.gadget)
+		if err != nil {
+			return err
+		}
+		if err := r.setThread(tin, th); err != nil {
+			return fmt.Errorf("thread %d: %w", th.Tid, err)
+		}
+		if err := tin.Close(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// setThread gives the thread behind in the state of th: clear-child-tid,
+// robust list, alternate stack, rseq, name, extended state; its registers
+// and signal mask are set when the injector closes.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) setThread(in *ptrace.Injector, th *imagepb.Thread) error {
+	if _, err := in.Syscall(sys.SYS_SET_TID_ADDRESS, th.ClearChildTid); err != nil {
+		return fmt.Errorf("set_tid_address: %w", err)
+	}
+	if th.RobustList != 0 {
+		if _, err := in.Syscall(sys.SYS_SET_ROBUST_LIST, th.RobustList, th.RobustListLen); err != nil {
+			return fmt.Errorf("set_robust_list: %w", err)
+		}
+	}
+	if as := th.Altstack; as != nil && as.Flags&sys.SS_DISABLE == 0 {
+		b := make([]byte, 24)
+		binary.LittleEndian.PutUint64(b[0:], as.Sp)
+		binary.LittleEndian.PutUint32(b[8:], uint32(as.Flags)&(1<<31)) // keep SS_AUTODISARM only
+		binary.LittleEndian.PutUint64(b[16:], as.Size)
+		if err := in.WriteMemory(r.scratch+512, b); err != nil {
+			return err
+		}
+		if _, err := in.Syscall(sys.SYS_SIGALTSTACK, r.scratch+512, 0); err != nil {
+			return fmt.Errorf("sigaltstack: %w", err)
+		}
+	}
+	if rs := th.Rseq; rs != nil {
+		// No critical section can be in progress in a frozen thread's
+		// restored image: clear rseq_cs so the kernel does not abort one.
+		if err := in.WriteMemory(rs.Pointer+8, make([]byte, 8)); err != nil {
+			return err
+		}
+		if _, err := in.Syscall(sys.SYS_RSEQ, rs.Pointer, uint64(rs.Size), 0, uint64(rs.Signature)); err != nil {
+			return fmt.Errorf("rseq: %w", err)
+		}
+	}
+	if err := in.WriteMemory(r.scratch+1024, ptrace.CString(th.Comm)); err != nil {
+		return err
+	}
+	if _, err := in.Syscall(sys.SYS_PRCTL, sys.PR_SET_NAME, r.scratch+1024); err != nil {
+		return fmt.Errorf("thread name: %w", err)
+	}
+	if len(th.Xstate) > 0 {
+		if err := sys.PtraceSetRegSet(in.Tid, sys.NT_X86_XSTATE, th.Xstate); err != nil {
+			return fmt.Errorf("xstate: %w", err)
+		}
+	}
+	in.SetBase(ptrace.RestartRegs(regsFromImage(th.Regs), false))
+	in.SetMask(th.Sigmask)
+	return nil
+}
+
+// queueSignals queues the signals that were pending at dump time. They are
+// queued from the main thread, whose TID is the PID, which the kernel
+// requires for siginfo that claims to come from the kernel or a user.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) queueSignals() error {
+	in := r.main
+	queue := func(si *imagepb.SigInfo, tid int32) error {
+		if len(si.Raw) != sys.SiginfoSize {
+			return fmt.Errorf("%w: siginfo of %d bytes", ErrBadImage, len(si.Raw))
+		}
+		if err := in.WriteMemory(r.scratch+2048, si.Raw); err != nil {
+			return err
+		}
+		var err error
+		if tid == 0 {
+			_, err = in.Syscall(sys.SYS_RT_SIGQUEUEINFO, uint64(r.pid), uint64(si.Signo), r.scratch+2048)
+		} else {
+			_, err = in.Syscall(sys.SYS_RT_TGSIGQUEUEINFO, uint64(r.pid), uint64(tid), uint64(si.Signo), r.scratch+2048)
+		}
+		if err != nil {
+			return fmt.Errorf("queue signal %d: %w", si.Signo, err)
+		}
+		return nil
+	}
+	for _, si := range r.img.SharedPending {
+		if err := queue(si, 0); err != nil {
+			return err
+		}
+	}
+	for _, th := range r.img.Threads {
+		for _, si := range th.Pending {
+			if err := queue(si, th.Tid); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// openEventfd creates an eventfd with the image's counter and mode.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) openEventfd(f *imagepb.File) (uint64, error) {
+	in := r.main
+	flags := uint64(sys.EFD_CLOEXEC)
+	if f.Flags&sys.O_NONBLOCK != 0 {
+		flags |= sys.EFD_NONBLOCK
+	}
+	if f.GetEventfd().GetSemaphore() {
+		flags |= sys.EFD_SEMAPHORE
+	}
+	fd, err := in.Syscall(sys.SYS_EVENTFD2, 0, flags)
+	if err != nil {
+		return 0, fmt.Errorf("eventfd2: %w", err)
+	}
+	if n := f.GetEventfd().GetCount(); n != 0 {
+		b := make([]byte, 8)
+		binary.LittleEndian.PutUint64(b, n)
+		if err := in.WriteMemory(r.scratch, b); err != nil {
+			return 0, err
+		}
+		if _, err := in.Syscall(sys.SYS_WRITE, fd, r.scratch, 8); err != nil {
+			return 0, fmt.Errorf("eventfd counter: %w", err)
+		}
+	}
+	return fd, nil
+}

@@ -1,0 +1,299 @@
+package engine
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/phaul/phaul/engine/proc"
+	"github.com/phaul/phaul/engine/ptrace"
+	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/protocol/imagepb"
+)
+
+// restoreScratchSize is the restorer's scratch area in the new process.
+const restoreScratchSize = 16 * 4096
+
+// vdsoKinds are the mappings the kernel provides and the restorer moves
+// instead of creating.
+func isKernelVMA(k imagepb.VMAKind) bool {
+	switch k {
+	case imagepb.VMAKind_VMA_VDSO, imagepb.VMAKind_VMA_VVAR, imagepb.VMAKind_VMA_VVAR_VCLOCK, imagepb.VMAKind_VMA_VSYSCALL:
+		return true
+	}
+	return false
+}
+
+type span struct{ start, end uint64 }
+
+// findHole returns an address where size bytes overlap none of busy,
+// searching down from the top of the usual mmap area.
+func findHole(size uint64, busy []span) (uint64, error) {
+	sort.Slice(busy, func(i, j int) bool { return busy[i].start < busy[j].start })
+	for addr := uint64(0x7e0000000000); addr > 0x100000000; addr -= 0x10000000 {
+		ok := true
+		for _, b := range busy {
+			if addr < b.end && b.start < addr+size {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			return addr, nil
+		}
+	}
+	return 0, errors.New("no free address range for the restorer")
+}
+
+// layout replaces the forked stub's address space by the image's: it moves
+// the vDSO mappings to their dumped addresses, unmaps the stub, and maps
+// every VMA of the image.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) layout() error {
+	in, err := ptrace.NewInjector(r.pid, r.gadget)
+	if err != nil {
+		return err
+	}
+	r.main = in
+	cur, err := proc.ReadMaps(r.pid)
+	if err != nil {
+		return err
+	}
+	var busy []span
+	for _, v := range r.img.Vmas {
+		busy = append(busy, span{v.Start, v.End})
+	}
+	for _, m := range cur {
+		busy = append(busy, span{m.Start, m.End})
+	}
+	// 1. Park the kernel's vDSO mappings at a temporary place, then unmap
+	// everything else of the stub, then put them where the image had them.
+	kernel := map[string]*proc.Mapping{}
+	for i := range cur {
+		switch cur[i].Path {
+		case "[vvar]", "[vvar_vclock]", "[vdso]":
+			kernel[cur[i].Path] = &cur[i]
+		}
+	}
+	want := map[string]*imagepb.VMA{}
+	for _, v := range r.img.Vmas {
+		switch v.Kind {
+		case imagepb.VMAKind_VMA_VVAR:
+			want["[vvar]"] = v
+		case imagepb.VMAKind_VMA_VVAR_VCLOCK:
+			want["[vvar_vclock]"] = v
+		case imagepb.VMAKind_VMA_VDSO:
+			want["[vdso]"] = v
+		}
+	}
+	for name, v := range want {
+		k := kernel[name]
+		if k == nil {
+			return fmt.Errorf("%w: the image has a %s mapping, this kernel gives processes none", ErrBadImage, name)
+		}
+		if k.Size() != v.End-v.Start {
+			return fmt.Errorf("%w: %s is %d bytes here, %d in the image (a different kernel's vDSO)", ErrBadImage, name, k.Size(), v.End-v.Start)
+		}
+	}
+	// Park at temp + (offset from the lowest kernel mapping).
+	var low, high uint64 = ^uint64(0), 0
+	for _, k := range kernel {
+		low, high = min(low, k.Start), max(high, k.End)
+	}
+	temp, err := findHole(high-low, busy)
+	if err != nil {
+		return err
+	}
+	moved := map[string]uint64{}
+	for name, k := range kernel {
+		to := temp + (k.Start - low)
+		if _, err := in.Syscall(sys.SYS_MREMAP, k.Start, k.Size(), k.Size(), sys.MREMAP_MAYMOVE|sys.MREMAP_FIXED, to); err != nil {
+			return fmt.Errorf("move %s aside: %w", name, err)
+		}
+		moved[name] = to
+	}
+	// The stub's own code is about to go: inject through the vDSO.
+	gadget, err := ptrace.FindGadget(r.pid, moved["[vdso]"], moved["[vdso]"]+kernel["[vdso]"].Size())
+	if err != nil {
+		return err
+	}
+	gadgetOff := gadget - moved["[vdso]"]
+	in.SetGadget(gadget)
+	for _, m := range cur {
+		if _, isKernel := kernel[m.Path]; isKernel || m.Path == "[vsyscall]" {
+			continue
+		}
+		if _, err := in.Syscall(sys.SYS_MUNMAP, m.Start, m.Size()); err != nil {
+			return fmt.Errorf("unmap stub mapping %#x-%#x: %w", m.Start, m.End, err)
+		}
+	}
+	for name, k := range kernel {
+		v := want[name]
+		if v == nil {
+			if _, err := in.Syscall(sys.SYS_MUNMAP, moved[name], k.Size()); err != nil {
+				return fmt.Errorf("unmap %s: %w", name, err)
+			}
+			continue
+		}
+		if _, err := in.Syscall(sys.SYS_MREMAP, moved[name], k.Size(), k.Size(), sys.MREMAP_MAYMOVE|sys.MREMAP_FIXED, v.Start); err != nil {
+			return fmt.Errorf("move %s to %#x: %w", name, v.Start, err)
+		}
+	}
+	if v := want["[vdso]"]; v != nil {
+		r.gadget = v.Start + gadgetOff
+	} else {
+		// No vDSO in the image: keep one parked for injection until the end.
+		return unsupported("image without a [vdso] mapping")
+	}
+	in.SetGadget(r.gadget)
+
+	// 2. Scratch memory for syscall arguments, in a hole of the image.
+	busy = busy[:0]
+	for _, v := range r.img.Vmas {
+		busy = append(busy, span{v.Start, v.End})
+	}
+	hole, err := findHole(restoreScratchSize, busy)
+	if err != nil {
+		return err
+	}
+	if _, err := in.Syscall(sys.SYS_MMAP, hole, restoreScratchSize, sys.PROT_READ|sys.PROT_WRITE,
+		sys.MAP_PRIVATE|sys.MAP_ANONYMOUS|sys.MAP_FIXED_NOREPLACE, ^uint64(0), 0); err != nil {
+		return fmt.Errorf("map restorer scratch at %#x: %w", hole, err)
+	}
+	r.scratch = hole
+	in.UseScratch(hole, restoreScratchSize)
+
+	// 3. Every VMA of the image.
+	withPages := r.vmasWithPages()
+	for _, v := range r.img.Vmas {
+		if isKernelVMA(v.Kind) {
+			continue
+		}
+		if err := r.mapVMA(v, withPages[v]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// vmasWithPages returns the VMAs some saved page falls in.
+func (r *restorer) vmasWithPages() map[*imagepb.VMA]bool {
+	out := map[*imagepb.VMA]bool{}
+	vmas := r.img.Vmas
+	i := 0
+	for _, e := range r.chain.Extents {
+		for i < len(vmas) && vmas[i].End <= e.Addr {
+			i++
+		}
+		for j := i; j < len(vmas) && vmas[j].Start < e.End(); j++ {
+			out[vmas[j]] = true
+		}
+	}
+	return out
+}
+
+// mapVMA creates one VMA at its address. A VMA with saved pages is mapped
+// writable until the pages are in (finish sets its real protection).
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) mapVMA(v *imagepb.VMA, hasPages bool) error {
+	in := r.main
+	prot := uint64(v.Prot)
+	if hasPages && prot&sys.PROT_WRITE == 0 {
+		prot |= sys.PROT_READ | sys.PROT_WRITE
+		r.widened = append(r.widened, v)
+	}
+	flags := uint64(sys.MAP_FIXED_NOREPLACE)
+	if v.Flags&sys.MAP_GROWSDOWN != 0 {
+		flags |= sys.MAP_GROWSDOWN
+	}
+	fd := ^uint64(0)
+	switch v.Kind {
+	case imagepb.VMAKind_VMA_ANON_PRIVATE, imagepb.VMAKind_VMA_HEAP, imagepb.VMAKind_VMA_STACK:
+		flags |= sys.MAP_PRIVATE | sys.MAP_ANONYMOUS
+	case imagepb.VMAKind_VMA_ANON_SHARED:
+		flags |= sys.MAP_SHARED | sys.MAP_ANONYMOUS
+	case imagepb.VMAKind_VMA_FILE_PRIVATE, imagepb.VMAKind_VMA_FILE_SHARED:
+		mode := uint64(sys.O_RDONLY)
+		if v.Kind == imagepb.VMAKind_VMA_FILE_SHARED {
+			flags |= sys.MAP_SHARED
+			if v.Prot&sys.PROT_WRITE != 0 {
+				mode = sys.O_RDWR
+			}
+		} else {
+			flags |= sys.MAP_PRIVATE
+		}
+		if err := in.WriteMemory(r.scratch, ptrace.CString(v.Path)); err != nil {
+			return err
+		}
+		f, err := in.Syscall(sys.SYS_OPENAT, atFDCWD, r.scratch, mode|sys.O_CLOEXEC)
+		if err != nil {
+			return fmt.Errorf("open %s to map it at %#x: %w", v.Path, v.Start, err)
+		}
+		fd = f
+		defer in.Syscall(sys.SYS_CLOSE, f)
+	default:
+		return fmt.Errorf("%w: VMA %#x-%#x has kind %v", ErrBadImage, v.Start, v.End, v.Kind)
+	}
+	got, err := in.Syscall(sys.SYS_MMAP, v.Start, v.End-v.Start, prot, flags, fd, v.Pgoff)
+	if err != nil {
+		return fmt.Errorf("map %#x-%#x (%s): %w", v.Start, v.End, vmaName(v), err)
+	}
+	if got != v.Start {
+		return fmt.Errorf("map %#x-%#x (%s): kernel placed it at %#x", v.Start, v.End, vmaName(v), got)
+	}
+	for _, adv := range v.Madvise {
+		if _, err := in.Syscall(sys.SYS_MADVISE, v.Start, v.End-v.Start, uint64(adv)); err != nil {
+			return fmt.Errorf("madvise(%d) %#x-%#x: %w", adv, v.Start, v.End, err)
+		}
+	}
+	return nil
+}
+
+func vmaName(v *imagepb.VMA) string {
+	if v.Path != "" {
+		return v.Path
+	}
+	return v.Kind.String()
+}
+
+// setMM restores the mm fields (code, data, brk, stack, arguments,
+// environment, auxv) and the executable link with PR_SET_MM_MAP, which
+// needs no CAP_SYS_RESOURCE.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) setMM() error {
+	in, mm := r.main, r.img.Mm
+	auxv := mm.Auxv
+	if len(auxv) > 1024 {
+		return fmt.Errorf("%w: auxv of %d bytes", ErrBadImage, len(auxv))
+	}
+	exeAt, auxvAt, mapAt := r.scratch+4096, r.scratch+8192, r.scratch+3*4096
+	if err := errors.Join(in.WriteMemory(exeAt, ptrace.CString(r.img.Exe)), in.WriteMemory(auxvAt, auxv)); err != nil {
+		return err
+	}
+	exe, err := in.Syscall(sys.SYS_OPENAT, atFDCWD, exeAt, sys.O_RDONLY|sys.O_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("open executable %s: %w", r.img.Exe, err)
+	}
+	defer in.Syscall(sys.SYS_CLOSE, exe)
+	b := make([]byte, 104)
+	for i, v := range []uint64{mm.StartCode, mm.EndCode, mm.StartData, mm.EndData, mm.StartBrk, mm.Brk,
+		mm.StartStack, mm.ArgStart, mm.ArgEnd, mm.EnvStart, mm.EnvEnd, auxvAt} {
+		binary.LittleEndian.PutUint64(b[8*i:], v)
+	}
+	binary.LittleEndian.PutUint32(b[96:], uint32(len(auxv)))
+	binary.LittleEndian.PutUint32(b[100:], uint32(exe))
+	if err := in.WriteMemory(mapAt, b); err != nil {
+		return err
+	}
+	if _, err := in.Syscall(sys.SYS_PRCTL, sys.PR_SET_MM, sys.PR_SET_MM_MAP, mapAt, 104); err != nil {
+		return fmt.Errorf("prctl(PR_SET_MM_MAP): %w", err)
+	}
+	return nil
+}
+
+// atFDCWD is AT_FDCWD (-100) as a syscall argument.
+const atFDCWD = ^uint64(99)

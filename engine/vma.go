@@ -1,0 +1,155 @@
+package engine
+
+import (
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/phaul/phaul/engine/proc"
+	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/protocol/imagepb"
+)
+
+// madviseFlags maps smaps VmFlags codes to the madvise() advice that
+// recreates them.
+var madviseFlags = []struct {
+	code   string
+	advice uint32
+}{
+	{"hg", sys.MADV_HUGEPAGE},
+	{"nh", sys.MADV_NOHUGEPAGE},
+	{"dc", sys.MADV_DONTFORK},
+	{"dd", sys.MADV_DONTDUMP},
+	{"wf", sys.MADV_WIPEONFORK},
+	{"mg", sys.MADV_MERGEABLE},
+}
+
+// refusedFlags are VmFlags codes of mappings phaul cannot recreate.
+var refusedFlags = map[string]string{
+	"ht": "a hugetlbfs mapping",
+	"pf": "a raw PFN (device) mapping",
+	"io": "a memory-mapped I/O region",
+	"um": "a mapping registered with userfaultfd (missing mode)",
+	"uw": "a mapping registered with userfaultfd (write-protect mode)",
+	"ui": "a mapping registered with userfaultfd (minor mode)",
+}
+
+// vmas converts the process's mappings to image VMAs, refusing what cannot
+// be restored.
+func vmas(maps []proc.Mapping) ([]*imagepb.VMA, error) {
+	out := make([]*imagepb.VMA, 0, len(maps))
+	for i := range maps {
+		m := &maps[i]
+		v := &imagepb.VMA{Start: m.Start, End: m.End, Pgoff: m.Offset, Dev: m.Dev, Inode: m.Inode, Path: m.Path}
+		if m.Read {
+			v.Prot |= sys.PROT_READ
+		}
+		if m.Write {
+			v.Prot |= sys.PROT_WRITE
+		}
+		if m.Exec {
+			v.Prot |= sys.PROT_EXEC
+		}
+		if m.Shared {
+			v.Flags |= sys.MAP_SHARED
+		} else {
+			v.Flags |= sys.MAP_PRIVATE
+		}
+		for _, f := range m.Flags {
+			if what, bad := refusedFlags[f]; bad && !m.IsSpecial() {
+				return nil, unsupported("mapping %#x-%#x (%s) is %s", m.Start, m.End, describePath(m), what)
+			}
+		}
+		if m.HasFlag("gd") {
+			v.Flags |= sys.MAP_GROWSDOWN
+		}
+		for _, a := range madviseFlags {
+			if m.HasFlag(a.code) {
+				v.Madvise = append(v.Madvise, a.advice)
+			}
+		}
+		switch {
+		case m.Path == "[vdso]":
+			v.Kind = imagepb.VMAKind_VMA_VDSO
+		case m.Path == "[vvar]":
+			v.Kind = imagepb.VMAKind_VMA_VVAR
+		case m.Path == "[vvar_vclock]":
+			v.Kind = imagepb.VMAKind_VMA_VVAR_VCLOCK
+		case m.Path == "[vsyscall]":
+			v.Kind = imagepb.VMAKind_VMA_VSYSCALL
+		case m.Path == "[heap]":
+			v.Kind = imagepb.VMAKind_VMA_HEAP
+		case m.Path == "[stack]":
+			v.Kind = imagepb.VMAKind_VMA_STACK
+		case m.Inode == 0 && !m.Shared && (m.Path == "" || strings.HasPrefix(m.Path, "[anon:")):
+			v.Kind = imagepb.VMAKind_VMA_ANON_PRIVATE
+		case m.Inode != 0 && m.Shared && m.Path == "/dev/zero" && m.Deleted:
+			// MAP_SHARED|MAP_ANONYMOUS: shmem the kernel names /dev/zero.
+			v.Kind = imagepb.VMAKind_VMA_ANON_SHARED
+			v.Path = ""
+			v.Shmid = m.Inode
+		case m.Inode != 0 && strings.HasPrefix(m.Path, "/"):
+			if err := checkMappedFile(m); err != nil {
+				return nil, err
+			}
+			if m.Shared {
+				v.Kind = imagepb.VMAKind_VMA_FILE_SHARED
+			} else {
+				v.Kind = imagepb.VMAKind_VMA_FILE_PRIVATE
+			}
+			fi, err := os.Stat(m.Path)
+			if err != nil {
+				return nil, fmt.Errorf("mapped file %s: %w", m.Path, err)
+			}
+			v.FileSize = fi.Size()
+		default:
+			return nil, unsupported("mapping %#x-%#x (%s)", m.Start, m.End, describePath(m))
+		}
+		v.Guard = v.Prot == sys.PROT_NONE
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+func describePath(m *proc.Mapping) string {
+	p := m.Path
+	if p == "" {
+		p = "anonymous"
+	}
+	if m.Deleted {
+		p += " (deleted)"
+	}
+	return p
+}
+
+// checkMappedFile refuses file mappings that cannot be opened again by path.
+func checkMappedFile(m *proc.Mapping) error {
+	switch {
+	case strings.HasPrefix(m.Path, "/SYSV"):
+		return unsupported("mapping %#x-%#x is a SysV shared memory segment", m.Start, m.End)
+	case strings.HasPrefix(m.Path, "/memfd:"):
+		return unsupported("mapping %#x-%#x is a memfd (%s)", m.Start, m.End, m.Path)
+	case m.Deleted:
+		return unsupported("mapping %#x-%#x is of the deleted file %s", m.Start, m.End, m.Path)
+	}
+	fi, err := os.Stat(m.Path)
+	if err != nil {
+		return fmt.Errorf("mapping %#x-%#x of %s: %w", m.Start, m.End, m.Path, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return unsupported("mapping %#x-%#x of %s (%s, not a regular file)", m.Start, m.End, m.Path, fi.Mode().Type())
+	}
+	return nil
+}
+
+// hasPages reports whether the contents of v belong in the image: memory
+// whose only copy is the process's (anonymous memory, and the
+// copied-on-write pages of private file mappings).
+func hasPages(v *imagepb.VMA) bool {
+	switch v.Kind {
+	case imagepb.VMAKind_VMA_ANON_PRIVATE, imagepb.VMAKind_VMA_ANON_SHARED,
+		imagepb.VMAKind_VMA_HEAP, imagepb.VMAKind_VMA_STACK, imagepb.VMAKind_VMA_FILE_PRIVATE:
+		return true
+	}
+	return false
+}

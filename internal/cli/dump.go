@@ -1,0 +1,55 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/spf13/pflag"
+
+	"github.com/phaul/phaul/engine"
+)
+
+func init() {
+	register(&command{
+		name:    "dump",
+		summary: "checkpoint a running process into an image directory",
+		usage:   "-t PID -D DIR [--leave-running] [--shell-job] [--json]",
+		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
+			pid := fs.IntP("tree", "t", 0, "PID of the process to dump (required)")
+			dir := fs.StringP("images-dir", "D", "", "directory to write the images to (required; created if missing)")
+			leave := fs.BoolP("leave-running", "R", false, "resume the process after the dump instead of killing it")
+			shell := fs.Bool("shell-job", false, "allow descriptors on a terminal; restore re-binds them to the restorer's stdio")
+			asJSON := fs.Bool("json", false, "print the result as JSON")
+			verbose := fs.CountP("verbose", "v", "log progress to stderr (-vv for debug)")
+			return func(ctx context.Context, env *Env, args []string) error {
+				if len(args) > 0 {
+					return usageError("unexpected argument %q", args[0])
+				}
+				if *pid == 0 {
+					return usageError("-t PID is required")
+				}
+				if *dir == "" {
+					return usageError("-D DIR is required")
+				}
+				res, err := engine.Dump(ctx, engine.DumpOptions{
+					Pid: *pid, Dir: *dir, LeaveRunning: *leave, ShellJob: *shell,
+					Logger: newLogger(env, *verbose),
+				})
+				if err != nil {
+					return err
+				}
+				if *asJSON {
+					return printJSON(env.Stdout, res)
+				}
+				fate := "killed"
+				if !res.Killed {
+					fate = "left running"
+				}
+				fmt.Fprintf(env.Stdout, "dumped %d (%d threads) to %s: %d pages written (%s), %d zero pages elided, frozen %.1f ms, total %.1f ms; process %s\n",
+					res.Pid, res.Threads, *dir, res.PagesWritten, humanBytes(res.BytesWritten), res.PagesZero,
+					res.FrozenMS, res.DurationMS, fate)
+				return nil
+			}
+		},
+	})
+}
