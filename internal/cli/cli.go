@@ -20,6 +20,7 @@ type command struct {
 	name    string
 	summary string // one line for `phaul help`
 	usage   string // synopsis, e.g. "-t PID -D DIR [flags]"
+	hidden  bool   // internal: not listed by `phaul help`
 	// run parses args with fs (already holding the command's flags via
 	// flags) and does the work.
 	flags func(fs *pflag.FlagSet) func(ctx context.Context, env *Env, args []string) error
@@ -125,8 +126,10 @@ Usage: phaul COMMAND [flags]
 Commands:
 `)
 	names := make([]string, 0, len(commands))
-	for n := range commands {
-		names = append(names, n)
+	for n, c := range commands {
+		if !c.hidden {
+			names = append(names, n)
+		}
 	}
 	sort.Strings(names)
 	for _, n := range names {

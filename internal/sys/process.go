@@ -126,3 +126,9 @@ var Pagesize = unix.Getpagesize()
 
 // Signal is a signal number.
 type Signal = unix.Signal
+
+// CloseOnExecFrom marks every descriptor from fd up close-on-exec, so that
+// descriptors this process inherited do not leak into programs it starts.
+func CloseOnExecFrom(fd int) error {
+	return wrap("close_range", unix.CloseRange(uint(fd), ^uint(0), unix.CLOSE_RANGE_CLOEXEC))
+}

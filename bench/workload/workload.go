@@ -1,0 +1,200 @@
+package workload
+
+import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Config describes a workload.
+type Config struct {
+	// MemBytes is the memory the workload fills (rounded to pages).
+	MemBytes int64
+	// DirtyPagesPerSec is how many pages the writers rewrite per second in
+	// total (0: none).
+	DirtyPagesPerSec int
+	// Writers is the number of goroutines rewriting pages.
+	Writers int
+	// Heartbeat is the interval between heartbeat lines.
+	Heartbeat time.Duration
+	// Random fills memory with incompressible data instead of heap-like data.
+	Random bool
+}
+
+const pageSize = 4096
+
+// state is the workload's memory: each page starts with the page index and
+// a generation number, and the rest is derived from both, so that a stale
+// or misplaced page is caught.
+type state struct {
+	mem    []byte
+	gens   []atomic.Uint32 // generation each page was last written with
+	random bool
+}
+
+func (s *state) fill(page int, gen uint32) {
+	p := s.mem[page*pageSize : (page+1)*pageSize]
+	binary.LittleEndian.PutUint64(p[0:], uint64(page))
+	binary.LittleEndian.PutUint32(p[8:], gen)
+	seed := uint64(page)*0x9e3779b97f4a7c15 ^ uint64(gen)*0xbf58476d1ce4e5b9
+	for i := 16; i < pageSize; i += 8 {
+		var v uint64
+		if s.random {
+			seed ^= seed << 13
+			seed ^= seed >> 7
+			seed ^= seed << 17
+			v = seed
+		} else {
+			// Heap-like: small integers and repeated words compress well.
+			v = uint64(i/8%32) | uint64(page%7)<<32
+		}
+		binary.LittleEndian.PutUint64(p[i:], v)
+	}
+	s.gens[page].Store(gen)
+}
+
+func (s *state) check(page int) error {
+	gen := s.gens[page].Load()
+	p := s.mem[page*pageSize : (page+1)*pageSize]
+	if got := binary.LittleEndian.Uint64(p[0:]); got != uint64(page) {
+		return fmt.Errorf("page %d holds page %d's data", page, got)
+	}
+	if got := binary.LittleEndian.Uint32(p[8:]); got != gen {
+		return fmt.Errorf("page %d has generation %d, expected %d (stale page)", page, got, gen)
+	}
+	seed := uint64(page)*0x9e3779b97f4a7c15 ^ uint64(gen)*0xbf58476d1ce4e5b9
+	for i := 16; i < pageSize; i += 8 {
+		var v uint64
+		if s.random {
+			seed ^= seed << 13
+			seed ^= seed >> 7
+			seed ^= seed << 17
+			v = seed
+		} else {
+			v = uint64(i/8%32) | uint64(page%7)<<32
+		}
+		if binary.LittleEndian.Uint64(p[i:]) != v {
+			return fmt.Errorf("page %d corrupt at byte %d", page, i)
+		}
+	}
+	return nil
+}
+
+// Run runs the workload, writing heartbeat and check lines to out, until a
+// SIGTERM (exit status 0) or a failed check (exit status 1).
+//
+// Lines:
+//
+//	READY pid=P pages=N
+//	BEAT seq=S writes=W maxgap_ms=G
+//	CHECK seq=S OK pages=N | CHECK seq=S FAIL reason
+func Run(cfg Config, out io.Writer) int {
+	w := bufio.NewWriter(out)
+	pages := int(cfg.MemBytes / pageSize)
+	if pages < 1 {
+		pages = 1
+	}
+	s := &state{mem: make([]byte, pages*pageSize), gens: make([]atomic.Uint32, pages), random: cfg.Random}
+	for i := 0; i < pages; i++ {
+		s.fill(i, 1)
+	}
+	var mu sync.Mutex // serialises writers against checks
+	var writes atomic.Int64
+	if cfg.Writers < 1 {
+		cfg.Writers = 1
+	}
+	if cfg.DirtyPagesPerSec > 0 {
+		per := max(cfg.DirtyPagesPerSec/cfg.Writers, 1)
+		for k := 0; k < cfg.Writers; k++ {
+			go func(k int) {
+				tick := time.NewTicker(10 * time.Millisecond)
+				page := k * 7919 % pages
+				for range tick.C {
+					mu.Lock()
+					for i := 0; i < max(per/100, 1); i++ {
+						page = (page + 104729) % pages
+						s.fill(page, s.gens[page].Load()+1)
+						writes.Add(1)
+					}
+					mu.Unlock()
+				}
+			}(k)
+		}
+	}
+	checkReq := make(chan os.Signal, 1)
+	signal.Notify(checkReq, syscall.SIGUSR1)
+	term := make(chan os.Signal, 1)
+	signal.Notify(term, syscall.SIGTERM)
+
+	fmt.Fprintf(w, "READY pid=%d pages=%d\n", os.Getpid(), pages)
+	w.Flush()
+	hb := cfg.Heartbeat
+	if hb <= 0 {
+		hb = 10 * time.Millisecond
+	}
+	tick := time.NewTicker(hb)
+	last := time.Now()
+	var maxGap time.Duration
+	seq, checks := 0, 0
+	for {
+		select {
+		case <-term:
+			fmt.Fprintf(w, "EXIT maxgap_ms=%.1f\n", float64(maxGap.Microseconds())/1000)
+			w.Flush()
+			return 0
+		case <-checkReq:
+			checks++
+			mu.Lock()
+			var err error
+			for i := 0; i < pages && err == nil; i++ {
+				err = s.check(i)
+			}
+			mu.Unlock()
+			if err != nil {
+				fmt.Fprintf(w, "CHECK seq=%d FAIL %v\n", checks, err)
+				w.Flush()
+				return 1
+			}
+			fmt.Fprintf(w, "CHECK seq=%d OK pages=%d writes=%d pid=%d\n", checks, pages, writes.Load(), os.Getpid())
+			w.Flush()
+		case now := <-tick.C:
+			seq++
+			if gap := now.Sub(last); gap > maxGap {
+				maxGap = gap
+			}
+			last = now
+			fmt.Fprintf(w, "BEAT seq=%d writes=%d maxgap_ms=%.1f\n", seq, writes.Load(), float64(maxGap.Microseconds())/1000)
+			w.Flush()
+		}
+	}
+}
+
+// ParseSize parses a size such as 64M, 1G, 4096 or 256MiB.
+func ParseSize(s string) (int64, error) {
+	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "B"), "I")
+	mult := int64(1)
+	if n := len(t); n > 0 {
+		switch t[n-1] {
+		case 'K':
+			mult, t = 1<<10, t[:n-1]
+		case 'M':
+			mult, t = 1<<20, t[:n-1]
+		case 'G':
+			mult, t = 1<<30, t[:n-1]
+		}
+	}
+	v, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || v < 0 {
+		return 0, fmt.Errorf("bad size %q (use e.g. 64M, 1G)", s)
+	}
+	return v * mult, nil
+}
