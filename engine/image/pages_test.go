@@ -11,8 +11,8 @@ import (
 	"github.com/phaul/phaul/protocol/imagepb"
 )
 
-// writeImage writes an inventory for pid (with parent) into a new dir so
-// that the dir is a loadable pre-dump image, and returns it.
+// newPredumpDir writes a pre-dump inventory for pid (with parent) into a new
+// directory path, and returns it.
 func newPredumpDir(t testing.TB, path, parentPath string, pid int32) Dir {
 	t.Helper()
 	if err := os.MkdirAll(path, 0o755); err != nil {
