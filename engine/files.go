@@ -37,14 +37,38 @@ func (ft *fileTable) dumpFDs(pid int) ([]*imagepb.FD, error) {
 		return nil, err
 	}
 	var out []*imagepb.FD
+	// Descriptors that share one open file description (dup, or inherited
+	// like `2>&1`) must share it again after restore: same offset, same
+	// flags. kcmp tells; candidates are the files with the same identity.
+	type ident struct {
+		kind       imagepb.FileKind
+		dev, inode uint64
+	}
+	seen := map[ident][]*imagepb.FD{}
 	for _, fd := range fds {
 		f, cloexec, err := ft.describe(pid, fd)
 		if err != nil {
 			return nil, err
 		}
-		f.Id = uint32(len(ft.table.Files) + 1)
-		ft.table.Files = append(ft.table.Files, f)
-		out = append(out, &imagepb.FD{Fd: int32(fd), FileId: f.Id, Cloexec: cloexec})
+		d := &imagepb.FD{Fd: int32(fd), Cloexec: cloexec}
+		key := ident{f.Kind, f.Dev, f.Inode}
+		for _, other := range seen[key] {
+			same, err := sys.Kcmp(pid, pid, sys.KCMP_FILE, uint64(other.Fd), uint64(fd))
+			if err != nil {
+				return nil, fmt.Errorf("compare descriptors %d and %d of %d: %w", other.Fd, fd, pid, err)
+			}
+			if same == 0 {
+				d.FileId = other.FileId
+				break
+			}
+		}
+		if d.FileId == 0 {
+			f.Id = uint32(len(ft.table.Files) + 1)
+			ft.table.Files = append(ft.table.Files, f)
+			d.FileId = f.Id
+		}
+		seen[key] = append(seen[key], d)
+		out = append(out, d)
 	}
 	return out, nil
 }

@@ -132,6 +132,7 @@ func (r *restorer) setFiles() error {
 			}
 		}
 	}
+	opened := map[uint32]int32{} // file id -> first descriptor restored for it
 	for _, fd := range r.img.Fds {
 		f := files[fd.FileId]
 		if f == nil {
@@ -150,6 +151,14 @@ func (r *restorer) setFiles() error {
 			}
 			continue
 		}
+		if first, ok := opened[fd.FileId]; ok {
+			// Another descriptor of the same open file description.
+			if _, err := in.Syscall(sys.SYS_DUP3, uint64(first), uint64(fd.Fd), flags); err != nil {
+				return fmt.Errorf("descriptor %d: dup3 of %d: %w", fd.Fd, first, err)
+			}
+			continue
+		}
+		opened[fd.FileId] = fd.Fd
 		tmp, err := r.openFile(f)
 		if err != nil {
 			return fmt.Errorf("descriptor %d (%s): %w", fd.Fd, f.Path, err)
@@ -176,7 +185,7 @@ func (r *restorer) setFiles() error {
 	ev := make([]byte, 12) // struct epoll_event is packed on x86_64
 	for _, fd := range r.img.Fds {
 		f := files[fd.FileId]
-		if f.Kind != imagepb.FileKind_FILE_EPOLL {
+		if f.Kind != imagepb.FileKind_FILE_EPOLL || opened[fd.FileId] != fd.Fd {
 			continue
 		}
 		for _, t := range f.GetEpoll().GetTargets() {
@@ -376,6 +385,11 @@ func (r *restorer) setThread(in *ptrace.Injector, th *imagepb.Thread) error {
 	if _, err := in.Syscall(sys.SYS_PRCTL, sys.PR_SET_NAME, r.scratch+1024); err != nil {
 		return fmt.Errorf("thread name: %w", err)
 	}
+	for _, si := range th.Pending {
+		if err := r.queueSignal(in, si, true); err != nil {
+			return err
+		}
+	}
 	if len(th.Xstate) > 0 {
 		if err := sys.PtraceSetRegSet(in.Tid, sys.NT_X86_XSTATE, th.Xstate); err != nil {
 			return fmt.Errorf("xstate: %w", err)
@@ -386,42 +400,41 @@ func (r *restorer) setThread(in *ptrace.Injector, th *imagepb.Thread) error {
 	return nil
 }
 
-// queueSignals queues the signals that were pending at dump time. They are
-// queued from the main thread, whose TID is the PID, which the kernel
-// requires for siginfo that claims to come from the kernel or a user.
+// queueSignals queues the process-wide signals that were pending at dump
+// time, from the main thread: the kernel accepts siginfo that claims to come
+// from the kernel or from kill() only when a process queues it to itself.
 //
 // Precondition: called on the Tracer thread.
 func (r *restorer) queueSignals() error {
-	in := r.main
-	queue := func(si *imagepb.SigInfo, tid int32) error {
-		if len(si.Raw) != sys.SiginfoSize {
-			return fmt.Errorf("%w: siginfo of %d bytes", ErrBadImage, len(si.Raw))
-		}
-		if err := in.WriteMemory(r.scratch+2048, si.Raw); err != nil {
-			return err
-		}
-		var err error
-		if tid == 0 {
-			_, err = in.Syscall(sys.SYS_RT_SIGQUEUEINFO, uint64(r.pid), uint64(si.Signo), r.scratch+2048)
-		} else {
-			_, err = in.Syscall(sys.SYS_RT_TGSIGQUEUEINFO, uint64(r.pid), uint64(tid), uint64(si.Signo), r.scratch+2048)
-		}
-		if err != nil {
-			return fmt.Errorf("queue signal %d: %w", si.Signo, err)
-		}
-		return nil
-	}
 	for _, si := range r.img.SharedPending {
-		if err := queue(si, 0); err != nil {
+		if err := r.queueSignal(r.main, si, false); err != nil {
 			return err
 		}
 	}
-	for _, th := range r.img.Threads {
-		for _, si := range th.Pending {
-			if err := queue(si, th.Tid); err != nil {
-				return err
-			}
-		}
+	return nil
+}
+
+// queueSignal queues si from the thread behind in: to the whole process, or
+// to that thread itself (the kernel requires the thread-directed kind to be
+// queued by the receiving thread).
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) queueSignal(in *ptrace.Injector, si *imagepb.SigInfo, toThread bool) error {
+	if len(si.Raw) != sys.SiginfoSize {
+		return fmt.Errorf("%w: siginfo of %d bytes", ErrBadImage, len(si.Raw))
+	}
+	at := r.scratch + 2048
+	if err := in.WriteMemory(at, si.Raw); err != nil {
+		return err
+	}
+	var err error
+	if toThread {
+		_, err = in.Syscall(sys.SYS_RT_TGSIGQUEUEINFO, uint64(r.pid), uint64(in.Tid), uint64(si.Signo), at)
+	} else {
+		_, err = in.Syscall(sys.SYS_RT_SIGQUEUEINFO, uint64(r.pid), uint64(si.Signo), at)
+	}
+	if err != nil {
+		return fmt.Errorf("queue signal %d for thread %d: %w", si.Signo, in.Tid, err)
 	}
 	return nil
 }

@@ -106,8 +106,14 @@ func (r *restorer) layout() error {
 	if err != nil {
 		return err
 	}
+	// Fixed order, [vdso] last: injection runs through a gadget in it.
+	order := []string{"[vvar]", "[vvar_vclock]", "[vdso]"}
 	moved := map[string]uint64{}
-	for name, k := range kernel {
+	for _, name := range order {
+		k := kernel[name]
+		if k == nil {
+			continue
+		}
 		to := temp + (k.Start - low)
 		if _, err := in.Syscall(sys.SYS_MREMAP, k.Start, k.Size(), k.Size(), sys.MREMAP_MAYMOVE|sys.MREMAP_FIXED, to); err != nil {
 			return fmt.Errorf("move %s aside: %w", name, err)
@@ -129,7 +135,16 @@ func (r *restorer) layout() error {
 			return fmt.Errorf("unmap stub mapping %#x-%#x: %w", m.Start, m.End, err)
 		}
 	}
-	for name, k := range kernel {
+	if want["[vdso]"] == nil {
+		// Injection needs a vDSO until the end; an image without one is
+		// not something dump produces.
+		return unsupported("image without a [vdso] mapping")
+	}
+	for _, name := range order {
+		k := kernel[name]
+		if k == nil {
+			continue
+		}
 		v := want[name]
 		if v == nil {
 			if _, err := in.Syscall(sys.SYS_MUNMAP, moved[name], k.Size()); err != nil {
@@ -141,12 +156,7 @@ func (r *restorer) layout() error {
 			return fmt.Errorf("move %s to %#x: %w", name, v.Start, err)
 		}
 	}
-	if v := want["[vdso]"]; v != nil {
-		r.gadget = v.Start + gadgetOff
-	} else {
-		// No vDSO in the image: keep one parked for injection until the end.
-		return unsupported("image without a [vdso] mapping")
-	}
+	r.gadget = want["[vdso]"].Start + gadgetOff
 	in.SetGadget(r.gadget)
 
 	// 2. Scratch memory for syscall arguments, in a hole of the image.

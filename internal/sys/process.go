@@ -132,3 +132,15 @@ type Signal = unix.Signal
 func CloseOnExecFrom(fd int) error {
 	return wrap("close_range", unix.CloseRange(uint(fd), ^uint(0), unix.CLOSE_RANGE_CLOEXEC))
 }
+
+// KCMP_FILE compares two file descriptions with Kcmp.
+const KCMP_FILE = 0
+
+// Kcmp compares kernel objects of two processes: 0 means the same object.
+func Kcmp(pid1, pid2, typ int, idx1, idx2 uint64) (int, error) {
+	r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(pid1), uintptr(pid2), uintptr(typ), uintptr(idx1), uintptr(idx2), 0)
+	if e != 0 {
+		return 0, wrap("kcmp", e)
+	}
+	return int(r), nil
+}
