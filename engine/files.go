@@ -70,7 +70,104 @@ func (ft *fileTable) dumpFDs(pid int) ([]*imagepb.FD, error) {
 		seen[key] = append(seen[key], d)
 		out = append(out, d)
 	}
+	if err := ft.pipeData(pid, out); err != nil {
+		return nil, err
+	}
 	return out, nil
+}
+
+// pipeData checks that both ends of every pipe are in the process and saves
+// the bytes queued in each pipe with its read end. The bytes are peeked
+// with tee(2) from a copy of the read end taken with pidfd_getfd, so the
+// process's pipe keeps them.
+func (ft *fileTable) pipeData(pid int, fds []*imagepb.FD) error {
+	type ends struct {
+		read, write *imagepb.File
+		readFd      int32
+		writeFd     int32
+	}
+	pipes := map[uint64]*ends{}
+	var order []uint64
+	for _, d := range fds {
+		f := ft.table.Files[d.FileId-1]
+		if f.Kind != imagepb.FileKind_FILE_PIPE {
+			continue
+		}
+		e := pipes[f.Pipe.PipeId]
+		if e == nil {
+			e = &ends{}
+			pipes[f.Pipe.PipeId] = e
+			order = append(order, f.Pipe.PipeId)
+		}
+		if f.Flags&sys.O_ACCMODE == sys.O_RDONLY {
+			e.read, e.readFd = f, d.Fd
+		} else {
+			e.write, e.writeFd = f, d.Fd
+		}
+	}
+	if len(order) == 0 {
+		return nil
+	}
+	pidfd, err := sys.PidfdOpen(pid)
+	if err != nil {
+		return err
+	}
+	defer sys.Close(pidfd)
+	for _, id := range order {
+		e := pipes[id]
+		switch {
+		case e.read == nil:
+			return unsupported("descriptor %d is the write end of pipe:[%d], whose read end is in another process (pipes between processes)", e.writeFd, id)
+		case e.write == nil:
+			return unsupported("descriptor %d is the read end of pipe:[%d], whose write end is in another process (pipes between processes)", e.readFd, id)
+		}
+		data, capacity, err := peekPipe(pidfd, int(e.readFd))
+		if err != nil {
+			return fmt.Errorf("data queued in pipe:[%d] (descriptor %d): %w", id, e.readFd, err)
+		}
+		e.read.Pipe.Data, e.read.Pipe.Capacity = data, int64(capacity)
+		e.write.Pipe.Capacity = int64(capacity)
+	}
+	return nil
+}
+
+// peekPipe returns the bytes queued in the pipe behind descriptor fd of the
+// process behind pidfd, without consuming them, and the pipe's capacity.
+func peekPipe(pidfd, fd int) ([]byte, int, error) {
+	src, err := sys.PidfdGetfd(pidfd, fd)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer sys.Close(src)
+	capacity, err := sys.FcntlInt(src, sys.F_GETPIPE_SZ, 0)
+	if err != nil {
+		return nil, 0, err
+	}
+	r, w, err := sys.Pipe2(sys.O_CLOEXEC | sys.O_NONBLOCK)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer sys.Close(r)
+	defer sys.Close(w)
+	if _, err := sys.FcntlInt(w, sys.F_SETPIPE_SZ, capacity); err != nil {
+		return nil, 0, err
+	}
+	n, err := sys.Tee(src, w, capacity, sys.SPLICE_F_NONBLOCK)
+	if errors.Is(err, sys.EAGAIN) {
+		return nil, capacity, nil // empty
+	}
+	if err != nil {
+		return nil, 0, err
+	}
+	data := make([]byte, n)
+	for got := 0; got < n; {
+		m, err := sys.Read(r, data[got:])
+		if err != nil {
+			return nil, 0, err
+		}
+		got += m
+	}
+	return data, capacity, nil
 }
 
 func (ft *fileTable) describe(pid, fd int) (*imagepb.File, bool, error) {
@@ -98,6 +195,17 @@ func (ft *fileTable) describe(pid, fd int) (*imagepb.File, bool, error) {
 			return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
 		}
 		f.Kind, f.Epoll = imagepb.FileKind_FILE_EPOLL, ep
+		return f, cloexec, nil
+	}
+	if strings.HasPrefix(link, "pipe:[") {
+		st, err := os.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, fd))
+		if err != nil {
+			return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
+		}
+		f.Kind = imagepb.FileKind_FILE_PIPE
+		f.Inode = st.Sys().(*syscall.Stat_t).Ino
+		f.Dev = st.Sys().(*syscall.Stat_t).Dev
+		f.Pipe = &imagepb.Pipe{PipeId: f.Inode}
 		return f, cloexec, nil
 	}
 	if !strings.HasPrefix(link, "/") {
@@ -151,8 +259,6 @@ func kindHint(link string) string {
 	switch {
 	case strings.HasPrefix(link, "socket:"):
 		return ": sockets are not supported yet"
-	case strings.HasPrefix(link, "pipe:"):
-		return ": pipes are not supported yet"
 	case strings.HasPrefix(link, "anon_inode:"):
 		return ": " + strings.Trim(strings.TrimPrefix(link, "anon_inode:"), "[]") + " descriptors are not supported yet"
 	}

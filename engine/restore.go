@@ -107,6 +107,8 @@ type restorer struct {
 	scratch uint64
 	// widened are VMAs mapped writable only so their pages can be written.
 	widened       []*imagepb.VMA
+	pipeEnds      map[uint64]uint64 // pipe id -> parked descriptor of its other end
+	nextHigh      uint64            // next free descriptor above the image's
 	pagesRestored uint64
 }
 

@@ -133,6 +133,8 @@ func (r *restorer) setFiles() error {
 		}
 	}
 	opened := map[uint32]int32{} // file id -> first descriptor restored for it
+	r.pipeEnds = map[uint64]uint64{}
+	r.nextHigh = uint64(base + 3)
 	for _, fd := range r.img.Fds {
 		f := files[fd.FileId]
 		if f == nil {
@@ -212,6 +214,8 @@ func (r *restorer) openFile(f *imagepb.File) (uint64, error) {
 	case imagepb.FileKind_FILE_REGULAR, imagepb.FileKind_FILE_CHARDEV, imagepb.FileKind_FILE_DIRECTORY:
 	case imagepb.FileKind_FILE_EVENTFD:
 		return r.openEventfd(f)
+	case imagepb.FileKind_FILE_PIPE:
+		return r.openPipe(f)
 	case imagepb.FileKind_FILE_EPOLL:
 		fd, err := in.Syscall(sys.SYS_EPOLL_CREATE1, sys.O_CLOEXEC)
 		if err != nil {
@@ -466,4 +470,83 @@ func (r *restorer) openEventfd(f *imagepb.File) (uint64, error) {
 		}
 	}
 	return fd, nil
+}
+
+// openPipe returns a descriptor for one end of a pipe of the image. The
+// first end met creates the pipe, refills it with the data it held, and
+// parks the other end above every descriptor of the image until its turn.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) openPipe(f *imagepb.File) (uint64, error) {
+	in := r.main
+	id := f.GetPipe().GetPipeId()
+	if fd, ok := r.pipeEnds[id]; ok {
+		delete(r.pipeEnds, id)
+		return fd, r.setFlags(fd, f.Flags)
+	}
+	if _, err := in.Syscall(sys.SYS_PIPE2, r.scratch, sys.O_CLOEXEC); err != nil {
+		return 0, fmt.Errorf("pipe2: %w", err)
+	}
+	b := make([]byte, 8)
+	if err := in.ReadMemory(r.scratch, b); err != nil {
+		return 0, err
+	}
+	rfd, wfd := uint64(binary.LittleEndian.Uint32(b[0:])), uint64(binary.LittleEndian.Uint32(b[4:]))
+	if c := f.GetPipe().GetCapacity(); c > 0 {
+		if _, err := in.Syscall(sys.SYS_FCNTL, wfd, sys.F_SETPIPE_SZ, uint64(c)); err != nil {
+			return 0, fmt.Errorf("pipe capacity %d: %w", c, err)
+		}
+	}
+	if data := f.GetPipe().GetData(); len(data) > 0 {
+		if err := r.fillPipe(wfd, data); err != nil {
+			return 0, err
+		}
+	}
+	this, other := rfd, wfd
+	if f.Flags&sys.O_ACCMODE != sys.O_RDONLY {
+		this, other = wfd, rfd
+	}
+	high := r.nextHigh
+	r.nextHigh++
+	if _, err := in.Syscall(sys.SYS_DUP3, other, high, sys.O_CLOEXEC); err != nil {
+		return 0, fmt.Errorf("park pipe end: %w", err)
+	}
+	if _, err := in.Syscall(sys.SYS_CLOSE, other); err != nil {
+		return 0, err
+	}
+	r.pipeEnds[id] = high
+	return this, r.setFlags(this, f.Flags)
+}
+
+// fillPipe writes data into the pipe whose write end is descriptor wfd of
+// the new process, through a copy of that end taken with pidfd_getfd.
+func (r *restorer) fillPipe(wfd uint64, data []byte) error {
+	pidfd, err := sys.PidfdOpen(r.pid)
+	if err != nil {
+		return err
+	}
+	defer sys.Close(pidfd)
+	w, err := sys.PidfdGetfd(pidfd, int(wfd))
+	if err != nil {
+		return err
+	}
+	defer sys.Close(w)
+	for len(data) > 0 {
+		n, err := sys.Write(w, data)
+		if err != nil {
+			return fmt.Errorf("refill pipe: %w", err)
+		}
+		data = data[n:]
+	}
+	return nil
+}
+
+// setFlags sets the file status flags (O_NONBLOCK, O_APPEND, ...) of fd.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) setFlags(fd uint64, flags uint32) error {
+	if _, err := r.main.Syscall(sys.SYS_FCNTL, fd, sys.F_SETFL, uint64(flags&(sys.O_NONBLOCK|sys.O_APPEND))); err != nil {
+		return fmt.Errorf("fcntl(F_SETFL): %w", err)
+	}
+	return nil
 }

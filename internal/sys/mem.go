@@ -118,3 +118,12 @@ func Ioctl(name string, fd int, req uint, arg unsafe.Pointer) (int, error) {
 		return int(r), nil
 	}
 }
+
+// SPLICE_F_NONBLOCK makes tee and splice return EAGAIN instead of blocking.
+const SPLICE_F_NONBLOCK = unix.SPLICE_F_NONBLOCK
+
+// FcntlInt runs fcntl(fd, cmd, arg).
+func FcntlInt(fd int, cmd int, arg int) (int, error) {
+	r, err := unix.FcntlInt(uintptr(fd), cmd, arg)
+	return r, wrap("fcntl", err)
+}
