@@ -65,7 +65,9 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	}
 	ip := cp.Processes[0]
 	r := &restorer{
-		opt: opt, cp: cp, img: ip.State, pid: int(ip.State.GetPid()),
+		stdio: opt.Stdio, img: ip.State, files: cp.Files, entry: ip.Entry,
+		shellJob: cp.Inventory.GetShellJob(), xsave: cp.Inventory.GetXsaveFeatures(),
+		pid: int(ip.State.GetPid()),
 		log: log.With("component", "restore", "pid", ip.State.GetPid()),
 	}
 	if err := r.precheck(); err != nil {
@@ -90,23 +92,30 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	return res, nil
 }
 
-// restorer holds the state of one restore.
+// restorer holds the state of one restore (or of one shadow process being
+// built while a migration runs).
 type restorer struct {
-	opt   RestoreOptions
-	cp    *image.Checkpoint
-	img   *imagepb.Process
+	stdio [3]*os.File
+	// The process's final state: known from the start for a restore from
+	// an image, only at Finish for a shadow.
+	img      *imagepb.Process
+	files    *imagepb.FileTable
+	entry    *imagepb.ProcessEntry
+	shellJob bool
+	xsave    uint64
+
 	pid   int
 	chain *image.Chain
 	log   *slog.Logger
 	tr    *ptrace.Tracer
+	// vmas is the layout the process has now.
+	vmas []*imagepb.VMA
 
 	stub    *stub.Process // the stub that forks the process
 	created []int         // TIDs of the restored process, main thread first
 	main    *ptrace.Injector
 	gadget  uint64
 	scratch uint64
-	// widened are VMAs mapped writable only so their pages can be written.
-	widened       []*imagepb.VMA
 	pipeEnds      map[uint64]uint64 // pipe id -> parked descriptor of its other end
 	nextHigh      uint64            // next free descriptor above the image's
 	pagesRestored uint64
@@ -169,17 +178,7 @@ func (r *restorer) abort() {
 }
 
 func (r *restorer) run(ctx context.Context) error {
-	var err error
-	if r.stub, err = stub.Start(r.opt.Stdio); err != nil {
-		return err
-	}
-	if err := r.stub.WaitPaused(5 * time.Second); err != nil {
-		return err
-	}
-	if err := r.tr.Do(r.fork); err != nil {
-		return err
-	}
-	if err := r.tr.Do(r.layout); err != nil {
+	if err := r.start(r.img.Vmas); err != nil {
 		return err
 	}
 	if err := ctx.Err(); err != nil {
@@ -188,10 +187,23 @@ func (r *restorer) run(ctx context.Context) error {
 	if err := r.writePages(ctx); err != nil {
 		return err
 	}
-	if err := r.tr.Do(r.finish); err != nil {
+	return r.tr.Do(r.finish)
+}
+
+// start creates the process with the restorer's PID and gives it the
+// layout vmas.
+func (r *restorer) start(vmas []*imagepb.VMA) error {
+	var err error
+	if r.stub, err = stub.Start(r.stdio); err != nil {
 		return err
 	}
-	return nil
+	if err := r.stub.WaitPaused(5 * time.Second); err != nil {
+		return err
+	}
+	if err := r.tr.Do(r.fork); err != nil {
+		return err
+	}
+	return r.tr.Do(func() error { return r.layout(vmas) })
 }
 
 // cloneArgs encodes struct clone_args (the 88-byte version).
@@ -223,7 +235,7 @@ func (r *restorer) fork() error {
 		return fmt.Errorf("xstate of restore stub: %w", err)
 	}
 	have := xfeatures(xs[:n])
-	if want := r.cp.Inventory.GetXsaveFeatures(); want&^have != 0 {
+	if want := r.xsave; want&^have != 0 {
 		return fmt.Errorf("%w: the image uses CPU state components %#x this CPU lacks (it has %#x)", ErrBadImage, want&^have, have)
 	}
 	if err := sys.PtraceSetOptions(s.Pid, sys.PTRACE_O_TRACESYSGOOD|sys.PTRACE_O_TRACEFORK|sys.PTRACE_O_TRACECLONE); err != nil {

@@ -17,9 +17,13 @@ import (
 // Precondition: called on the Tracer thread.
 func (r *restorer) finish() error {
 	in := r.main
-	for _, v := range r.widened {
-		if _, err := in.Syscall(sys.SYS_MPROTECT, v.Start, v.End-v.Start, uint64(v.Prot)); err != nil {
-			return fmt.Errorf("mprotect %#x-%#x: %w", v.Start, v.End, err)
+	// Mappings were made writable for their pages to be written; now give
+	// them their own protection.
+	for _, v := range r.vmas {
+		if !isKernelVMA(v.Kind) && widen(v) {
+			if _, err := in.Syscall(sys.SYS_MPROTECT, v.Start, v.End-v.Start, uint64(v.Prot)); err != nil {
+				return fmt.Errorf("mprotect %#x-%#x: %w", v.Start, v.End, err)
+			}
 		}
 	}
 	steps := []struct {
@@ -60,9 +64,9 @@ func (r *restorer) finish() error {
 // Precondition: called on the Tracer thread.
 func (r *restorer) setIdentity() error {
 	in, p := r.main, r.img
-	entry := r.cp.Processes[0].Entry
+	entry := r.entry
 	switch {
-	case r.cp.Inventory.GetShellJob():
+	case r.shellJob:
 		// A shell job joins the restorer's session and terminal.
 	case entry.GetSid() == int32(r.pid):
 		if _, err := in.Syscall(sys.SYS_SETSID); err != nil {
@@ -107,7 +111,7 @@ func (r *restorer) setIdentity() error {
 func (r *restorer) setFiles() error {
 	in := r.main
 	files := map[uint32]*imagepb.File{}
-	for _, f := range r.cp.Files.GetFiles() {
+	for _, f := range r.files.GetFiles() {
 		files[f.Id] = f
 	}
 	// The stub's stdio (the restorer's own, for a shell job) is parked above

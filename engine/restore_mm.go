@@ -46,12 +46,12 @@ func findHole(size uint64, busy []span) (uint64, error) {
 	return 0, errors.New("no free address range for the restorer")
 }
 
-// layout replaces the forked stub's address space by the image's: it moves
-// the vDSO mappings to their dumped addresses, unmaps the stub, and maps
-// every VMA of the image.
+// layout replaces the forked stub's address space by vmas: it moves the
+// vDSO mappings to their dumped addresses, unmaps the stub, and maps every
+// other VMA.
 //
 // Precondition: called on the Tracer thread.
-func (r *restorer) layout() error {
+func (r *restorer) layout(vmas []*imagepb.VMA) error {
 	in, err := ptrace.NewInjector(r.pid, r.gadget)
 	if err != nil {
 		return err
@@ -62,7 +62,7 @@ func (r *restorer) layout() error {
 		return err
 	}
 	var busy []span
-	for _, v := range r.img.Vmas {
+	for _, v := range vmas {
 		busy = append(busy, span{v.Start, v.End})
 	}
 	for _, m := range cur {
@@ -78,7 +78,7 @@ func (r *restorer) layout() error {
 		}
 	}
 	want := map[string]*imagepb.VMA{}
-	for _, v := range r.img.Vmas {
+	for _, v := range vmas {
 		switch v.Kind {
 		case imagepb.VMAKind_VMA_VVAR:
 			want["[vvar]"] = v
@@ -159,10 +159,43 @@ func (r *restorer) layout() error {
 	r.gadget = want["[vdso]"].Start + gadgetOff
 	in.SetGadget(r.gadget)
 
-	// 2. Scratch memory for syscall arguments, in a hole of the image.
-	busy = busy[:0]
-	for _, v := range r.img.Vmas {
+	// 2. Scratch memory for syscall arguments, in a hole of the layout.
+	if err := r.placeScratch(vmas); err != nil {
+		return err
+	}
+
+	// 3. Every other VMA.
+	for _, v := range vmas {
+		if isKernelVMA(v.Kind) {
+			continue
+		}
+		if err := r.mapVMA(v, v.Start, v.End); err != nil {
+			return err
+		}
+	}
+	r.vmas = vmas
+	return nil
+}
+
+// placeScratch maps the restorer's scratch area in a hole of vmas (moving
+// it when the layout now covers it).
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) placeScratch(vmas []*imagepb.VMA) error {
+	in := r.main
+	var busy []span
+	clash := r.scratch == 0
+	for _, v := range vmas {
 		busy = append(busy, span{v.Start, v.End})
+		if r.scratch != 0 && v.Start < r.scratch+restoreScratchSize && r.scratch < v.End {
+			clash = true
+		}
+	}
+	if !clash {
+		return nil
+	}
+	if r.scratch != 0 {
+		busy = append(busy, span{r.scratch, r.scratch + restoreScratchSize})
 	}
 	hole, err := findHole(restoreScratchSize, busy)
 	if err != nil {
@@ -172,48 +205,41 @@ func (r *restorer) layout() error {
 		sys.MAP_PRIVATE|sys.MAP_ANONYMOUS|sys.MAP_FIXED_NOREPLACE, ^uint64(0), 0); err != nil {
 		return fmt.Errorf("map restorer scratch at %#x: %w", hole, err)
 	}
+	if r.scratch != 0 {
+		if _, err := in.Syscall(sys.SYS_MUNMAP, r.scratch, restoreScratchSize); err != nil {
+			return fmt.Errorf("unmap old scratch: %w", err)
+		}
+	}
 	r.scratch = hole
 	in.UseScratch(hole, restoreScratchSize)
+	return nil
+}
 
-	// 3. Every VMA of the image.
-	withPages := r.vmasWithPages()
-	for _, v := range r.img.Vmas {
-		if isKernelVMA(v.Kind) {
-			continue
-		}
-		if err := r.mapVMA(v, withPages[v]); err != nil {
-			return err
-		}
+// vmaAt returns the VMA of the current layout that holds addr, or nil.
+func (r *restorer) vmaAt(addr uint64) *imagepb.VMA {
+	i := sort.Search(len(r.vmas), func(i int) bool { return r.vmas[i].End > addr })
+	if i < len(r.vmas) && r.vmas[i].Start <= addr {
+		return r.vmas[i]
 	}
 	return nil
 }
 
-// vmasWithPages returns the VMAs some saved page falls in.
-func (r *restorer) vmasWithPages() map[*imagepb.VMA]bool {
-	out := map[*imagepb.VMA]bool{}
-	vmas := r.img.Vmas
-	i := 0
-	for _, e := range r.chain.Extents {
-		for i < len(vmas) && vmas[i].End <= e.Addr {
-			i++
-		}
-		for j := i; j < len(vmas) && vmas[j].Start < e.End(); j++ {
-			out[vmas[j]] = true
-		}
-	}
-	return out
+// widen reports whether v is mapped writable while the process is built,
+// so its pages can be written: memory whose contents come from the image
+// and whose own protection forbids writing.
+func widen(v *imagepb.VMA) bool {
+	return hasPages(v) && v.Prot&sys.PROT_WRITE == 0
 }
 
-// mapVMA creates one VMA at its address. A VMA with saved pages is mapped
-// writable until the pages are in (finish sets its real protection).
+// mapVMA maps the part [start, end) of v at its address. Memory whose
+// contents come from the image is mapped writable until finish.
 //
 // Precondition: called on the Tracer thread.
-func (r *restorer) mapVMA(v *imagepb.VMA, hasPages bool) error {
+func (r *restorer) mapVMA(v *imagepb.VMA, start, end uint64) error {
 	in := r.main
 	prot := uint64(v.Prot)
-	if hasPages && prot&sys.PROT_WRITE == 0 {
+	if widen(v) {
 		prot |= sys.PROT_READ | sys.PROT_WRITE
-		r.widened = append(r.widened, v)
 	}
 	flags := uint64(sys.MAP_FIXED_NOREPLACE)
 	if v.Flags&sys.MAP_GROWSDOWN != 0 {
@@ -247,16 +273,16 @@ func (r *restorer) mapVMA(v *imagepb.VMA, hasPages bool) error {
 	default:
 		return fmt.Errorf("%w: VMA %#x-%#x has kind %v", ErrBadImage, v.Start, v.End, v.Kind)
 	}
-	got, err := in.Syscall(sys.SYS_MMAP, v.Start, v.End-v.Start, prot, flags, fd, v.Pgoff)
+	got, err := in.Syscall(sys.SYS_MMAP, start, end-start, prot, flags, fd, v.Pgoff+(start-v.Start))
 	if err != nil {
-		return fmt.Errorf("map %#x-%#x (%s): %w", v.Start, v.End, vmaName(v), err)
+		return fmt.Errorf("map %#x-%#x (%s): %w", start, end, vmaName(v), err)
 	}
-	if got != v.Start {
-		return fmt.Errorf("map %#x-%#x (%s): kernel placed it at %#x", v.Start, v.End, vmaName(v), got)
+	if got != start {
+		return fmt.Errorf("map %#x-%#x (%s): kernel placed it at %#x", start, end, vmaName(v), got)
 	}
 	for _, adv := range v.Madvise {
-		if _, err := in.Syscall(sys.SYS_MADVISE, v.Start, v.End-v.Start, uint64(adv)); err != nil {
-			return fmt.Errorf("madvise(%d) %#x-%#x: %w", adv, v.Start, v.End, err)
+		if _, err := in.Syscall(sys.SYS_MADVISE, start, end-start, uint64(adv)); err != nil {
+			return fmt.Errorf("madvise(%d) %#x-%#x: %w", adv, start, end, err)
 		}
 	}
 	return nil

@@ -51,12 +51,8 @@ func (r *restorer) writePages(ctx context.Context) error {
 	// Zero pages need writing only where the mapping does not start zeroed:
 	// private file mappings, whose unwritten pages show the file.
 	fileVMA := func(addr uint64) bool {
-		for _, v := range r.img.Vmas {
-			if addr >= v.Start && addr < v.End {
-				return v.Kind == imagepb.VMAKind_VMA_FILE_PRIVATE
-			}
-		}
-		return false
+		v := r.vmaAt(addr)
+		return v != nil && v.Kind == imagepb.VMAKind_VMA_FILE_PRIVATE
 	}
 	zero := make([]byte, maxWrite)
 	type job struct {
