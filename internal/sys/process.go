@@ -144,3 +144,6 @@ func Kcmp(pid1, pid2, typ int, idx1, idx2 uint64) (int, error) {
 	}
 	return int(r), nil
 }
+
+// SetnsNet moves the calling thread into the network namespace behind fd.
+func SetnsNet(fd int) error { return wrap("setns", unix.Setns(fd, unix.CLONE_NEWNET)) }
