@@ -111,11 +111,11 @@ type restorer struct {
 	// vmas is the layout the process has now.
 	vmas []*imagepb.VMA
 
-	stub    *stub.Process // the stub that forks the process
-	created []int         // TIDs of the restored process, main thread first
-	main    *ptrace.Injector
-	gadget  uint64
-	scratch uint64
+	stub          *stub.Process // the stub that forks the process
+	created       []int         // TIDs of the restored process, main thread first
+	main          *ptrace.Injector
+	gadget        uint64
+	scratch       uint64
 	pipeEnds      map[uint64]uint64 // pipe id -> parked descriptor of its other end
 	nextHigh      uint64            // next free descriptor above the image's
 	pagesRestored uint64
