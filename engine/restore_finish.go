@@ -16,6 +16,29 @@ import (
 //
 // Precondition: called on the Tracer thread.
 func (r *restorer) finish() error {
+	if err := r.prepare(); err != nil {
+		return err
+	}
+	return r.resume()
+}
+
+// resume detaches every thread of the prepared process: it runs.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) resume() error {
+	for _, tid := range r.created {
+		if err := sys.PtraceDetach(tid, 0); err != nil {
+			return fmt.Errorf("detach thread %d: %w", tid, err)
+		}
+	}
+	return nil
+}
+
+// prepare restores everything but memory contents and creates the other
+// threads; the process stays stopped, ready to resume.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) prepare() error {
 	in := r.main
 	// Mappings were made writable for their pages to be written; now give
 	// them their own protection.
@@ -47,15 +70,7 @@ func (r *restorer) finish() error {
 	if err := in.UnmapScratch(); err != nil {
 		return err
 	}
-	if err := in.Close(); err != nil {
-		return err
-	}
-	for _, tid := range r.created {
-		if err := sys.PtraceDetach(tid, 0); err != nil {
-			return fmt.Errorf("detach thread %d: %w", tid, err)
-		}
-	}
-	return nil
+	return in.Close()
 }
 
 // setIdentity restores the session and process group, working directory,

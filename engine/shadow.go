@@ -29,9 +29,10 @@ import (
 // WritePages may be called from several goroutines; the other methods are
 // serialised by the Shadow.
 type Shadow struct {
-	mu   sync.Mutex
-	r    *restorer
-	done bool
+	mu    sync.Mutex
+	r     *restorer
+	ready bool // Ready succeeded: the process waits for Resume
+	done  bool // resumed or discarded
 }
 
 // ShadowOptions configures NewShadow.
@@ -104,7 +105,7 @@ func (s *Shadow) SetLayout(vmas []*imagepb.VMA) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.done {
+	if s.done || s.ready {
 		return errShadowDone
 	}
 	return s.r.tr.Do(func() error { return s.r.relayout(vmas) })
@@ -170,14 +171,27 @@ type State struct {
 	ShellJob bool
 }
 
-// Finish applies the final layout and state and lets the process run. The
-// caller must have written the last pages first. On error the shadow is
-// discarded.
+// Finish is Ready followed by Resume.
 func (s *Shadow) Finish(ctx context.Context, st State) (*RestoreResult, error) {
+	res, err := s.Ready(ctx, st)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.Resume(); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// Ready applies the final layout and state. The caller must have written
+// the last pages first. The process stays stopped until Resume: a
+// migration target answers "ready" here and resumes only on commit, so
+// that two copies never run. On error the shadow is discarded.
+func (s *Shadow) Ready(ctx context.Context, st State) (*RestoreResult, error) {
 	start := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.done {
+	if s.done || s.ready {
 		return nil, errShadowDone
 	}
 	r := s.r
@@ -202,18 +216,34 @@ func (s *Shadow) Finish(ctx context.Context, st State) (*RestoreResult, error) {
 			if err := r.relayout(st.Process.Vmas); err != nil {
 				return err
 			}
-			return r.finish()
+			return r.prepare()
 		})
 	}
 	if err != nil {
 		s.discardLocked()
 		return nil, fmt.Errorf("shadow %d: %w", r.pid, err)
 	}
-	s.done = true
-	r.tr.Close()
+	s.ready = true
 	res := &RestoreResult{Pid: r.pid, Threads: len(st.Process.Threads), Duration: time.Since(start)}
 	res.DurationMS = float64(res.Duration.Microseconds()) / 1000
 	return res, nil
+}
+
+// Resume lets a ready shadow run: it is now the process. If resuming
+// fails the shadow is killed, so that it never runs half-resumed.
+func (s *Shadow) Resume() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done || !s.ready {
+		return errShadowDone
+	}
+	if err := s.r.tr.Do(s.r.resume); err != nil {
+		s.discardLocked()
+		return fmt.Errorf("shadow %d: %w", s.r.pid, err)
+	}
+	s.done = true
+	s.r.tr.Close()
+	return nil
 }
 
 // Discard kills the shadow and releases what it holds. It is safe to call
