@@ -115,12 +115,12 @@ func (c *collector) process() (*imagepb.Process, error) {
 		v, _ := strconv.ParseUint(strings.TrimSpace(string(b)), 16, 32)
 		p.Personality = uint32(v)
 	}
-	for res := 0; res < sys.RLIM_NLIMITS; res++ {
-		l, err := sys.Prlimit(pid, res, nil)
-		if err != nil {
-			return nil, fmt.Errorf("resource limit %d of %d: %w", res, pid, err)
-		}
-		p.Rlimits = append(p.Rlimits, &imagepb.RLimit{Resource: int32(res), Cur: l.Cur, Max: l.Max})
+	limits, err := proc.ReadLimits(pid)
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range limits {
+		p.Rlimits = append(p.Rlimits, &imagepb.RLimit{Resource: int32(l.Resource), Cur: l.Soft, Max: l.Max})
 	}
 	p.Mm = &imagepb.MM{
 		StartCode: c.stat.StartCode, EndCode: c.stat.EndCode,

@@ -4,6 +4,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 
 	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/engine/ptrace"
@@ -413,6 +416,9 @@ func (r *restorer) setThread(in *ptrace.Injector, th *imagepb.Thread) error {
 			return err
 		}
 	}
+	if err := r.setCreds(in); err != nil {
+		return fmt.Errorf("credentials: %w", err)
+	}
 	if len(th.Xstate) > 0 {
 		if err := sys.PtraceSetRegSet(in.Tid, sys.NT_X86_XSTATE, th.Xstate); err != nil {
 			return fmt.Errorf("xstate: %w", err)
@@ -566,6 +572,106 @@ func (r *restorer) fillPipe(wfd uint64, data []byte) error {
 func (r *restorer) setFlags(fd uint64, flags uint32) error {
 	if _, err := r.main.Syscall(sys.SYS_FCNTL, fd, sys.F_SETFL, uint64(flags&(sys.O_NONBLOCK|sys.O_APPEND))); err != nil {
 		return fmt.Errorf("fcntl(F_SETFL): %w", err)
+	}
+	return nil
+}
+
+// lastCap is the highest capability number this kernel knows.
+func lastCap() int {
+	b, err := os.ReadFile("/proc/sys/kernel/cap_last_cap")
+	if err != nil {
+		return 40
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 40
+	}
+	return n
+}
+
+// setCreds gives the thread behind in the process's credentials: groups,
+// gids, uids and capability sets. Credentials are per thread in the
+// kernel, and each thread drops root's privileges only after the
+// privileged steps of its restore are done.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) setCreds(in *ptrace.Injector) error {
+	c := r.img.GetCreds()
+	if c == nil || len(c.Uid) != 4 || len(c.Gid) != 4 {
+		return nil
+	}
+	full := uint64(1)<<uint(lastCap()+1) - 1
+	root := c.Uid[0] == 0 && c.Uid[1] == 0 && c.Uid[2] == 0 && c.Uid[3] == 0 &&
+		c.Gid[0] == 0 && c.Gid[1] == 0 && len(c.Groups) == 0
+	if root && c.CapEff&full == full && c.CapPrm&full == full && c.CapBnd&full == full && c.CapInh == 0 && c.CapAmb == 0 {
+		return nil // what the restorer already has
+	}
+	call := func(what string, nr uint64, args ...uint64) error {
+		if _, err := in.Syscall(nr, args...); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		return nil
+	}
+	for capNo := 0; capNo <= lastCap(); capNo++ {
+		if c.CapBnd&(1<<uint(capNo)) == 0 {
+			if err := call("drop capability from bounding set", sys.SYS_PRCTL, sys.PR_CAPBSET_DROP, uint64(capNo)); err != nil {
+				return err
+			}
+		}
+	}
+	groups := make([]byte, 4*len(c.Groups))
+	for i, g := range c.Groups {
+		binary.LittleEndian.PutUint32(groups[4*i:], g)
+	}
+	at := r.scratch + 3072
+	if len(groups) > 0 {
+		if len(groups) > 1024 {
+			return fmt.Errorf("%w: %d supplementary groups", ErrBadImage, len(c.Groups))
+		}
+		if err := in.WriteMemory(at, groups); err != nil {
+			return err
+		}
+	}
+	if err := call("setgroups", sys.SYS_SETGROUPS, uint64(len(c.Groups)), at); err != nil {
+		return err
+	}
+	if err := call("setresgid", sys.SYS_SETRESGID, uint64(c.Gid[0]), uint64(c.Gid[1]), uint64(c.Gid[2])); err != nil {
+		return err
+	}
+	if _, err := in.Syscall(sys.SYS_SETFSGID, uint64(c.Gid[3])); err != nil {
+		return fmt.Errorf("setfsgid: %w", err)
+	}
+	// Keep the permitted set across the uid change; capset below trims it.
+	if err := call("keep capabilities", sys.SYS_PRCTL, sys.PR_SET_KEEPCAPS, 1); err != nil {
+		return err
+	}
+	if err := call("setresuid", sys.SYS_SETRESUID, uint64(c.Uid[0]), uint64(c.Uid[1]), uint64(c.Uid[2])); err != nil {
+		return err
+	}
+	if _, err := in.Syscall(sys.SYS_SETFSUID, uint64(c.Uid[3])); err != nil {
+		return fmt.Errorf("setfsuid: %w", err)
+	}
+	hdr := make([]byte, 8+24)
+	binary.LittleEndian.PutUint32(hdr[0:], sys.LINUX_CAPABILITY_VERSION_3)
+	for i, set := range []uint64{c.CapEff, c.CapPrm, c.CapInh} {
+		binary.LittleEndian.PutUint32(hdr[8+4*i:], uint32(set))
+		binary.LittleEndian.PutUint32(hdr[8+12+4*i:], uint32(set>>32))
+	}
+	if err := in.WriteMemory(at, hdr); err != nil {
+		return err
+	}
+	if err := call("capset", sys.SYS_CAPSET, at, at+8); err != nil {
+		return err
+	}
+	if err := call("clear keep-capabilities", sys.SYS_PRCTL, sys.PR_SET_KEEPCAPS, 0); err != nil {
+		return err
+	}
+	for capNo := 0; capNo <= lastCap(); capNo++ {
+		if c.CapAmb&(1<<uint(capNo)) != 0 {
+			if err := call("raise ambient capability", sys.SYS_PRCTL, sys.PR_CAP_AMBIENT, sys.PR_CAP_AMBIENT_RAISE, uint64(capNo)); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 )
 
@@ -77,3 +78,64 @@ func (p *Pagemap) Read(addr uint64, out []uint64) error {
 
 // Close closes the pagemap.
 func (p *Pagemap) Close() error { return p.f.Close() }
+
+// Limit is one resource limit; Unlimited is RLIM_INFINITY.
+type Limit struct {
+	Resource  int
+	Soft, Max uint64
+}
+
+// Unlimited is RLIM_INFINITY.
+const Unlimited = ^uint64(0)
+
+// ReadLimits reads /proc/PID/limits (readable where prlimit(2) on another
+// user's process would need CAP_SYS_RESOURCE).
+func ReadLimits(pid int) ([]Limit, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
+	if err != nil {
+		return nil, fmt.Errorf("read limits of %d: %w", pid, err)
+	}
+	l, err := ParseLimits(b)
+	if err != nil {
+		return nil, fmt.Errorf("parse /proc/%d/limits: %w", pid, err)
+	}
+	return l, nil
+}
+
+// ParseLimits parses a limits file: a header line, then one line per
+// resource in resource-number order, with fixed-width columns.
+func ParseLimits(b []byte) ([]Limit, error) {
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) < 2 || !strings.HasPrefix(lines[0], "Limit") {
+		return nil, fmt.Errorf("no header")
+	}
+	softAt := strings.Index(lines[0], "Soft Limit")
+	hardAt := strings.Index(lines[0], "Hard Limit")
+	if softAt < 0 || hardAt < softAt {
+		return nil, fmt.Errorf("bad header %q", lines[0])
+	}
+	parse := func(s string) (uint64, error) {
+		s = strings.TrimSpace(s)
+		if s == "unlimited" {
+			return Unlimited, nil
+		}
+		return strconv.ParseUint(s, 10, 64)
+	}
+	var out []Limit
+	for i, line := range lines[1:] {
+		if len(line) < hardAt+1 {
+			return nil, fmt.Errorf("short line %q", line)
+		}
+		soft, err1 := parse(line[softAt:hardAt])
+		hardField := strings.Fields(line[hardAt:])
+		if len(hardField) == 0 {
+			return nil, fmt.Errorf("no hard limit in %q", line)
+		}
+		hard, err2 := parse(hardField[0])
+		if err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("bad values in %q", line)
+		}
+		out = append(out, Limit{Resource: i, Soft: soft, Max: hard})
+	}
+	return out, nil
+}

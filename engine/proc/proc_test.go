@@ -142,3 +142,26 @@ func FuzzParsers(f *testing.F) {
 		_, _ = ParseFDInfo(b)
 	})
 }
+
+func TestParseLimits(t *testing.T) {
+	own, err := ReadLimits(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(own) != 16 {
+		t.Fatalf("%d limits, want 16", len(own))
+	}
+	sample := "Limit                     Soft Limit           Hard Limit           Units     \n" +
+		"Max cpu time              unlimited            unlimited            seconds   \n" +
+		"Max file size             1024                 2048                 bytes     \n"
+	l, err := ParseLimits([]byte(sample))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(l) != 2 || l[0].Soft != Unlimited || l[1].Soft != 1024 || l[1].Max != 2048 || l[1].Resource != 1 {
+		t.Errorf("parsed %+v", l)
+	}
+	if _, err := ParseLimits([]byte("garbage")); err == nil {
+		t.Error("accepted garbage")
+	}
+}

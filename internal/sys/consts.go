@@ -142,3 +142,12 @@ const (
 
 	RLIMIT_NOFILE = unix.RLIMIT_NOFILE
 )
+
+// Credential and capability controls used when restoring credentials.
+const (
+	PR_SET_KEEPCAPS            = unix.PR_SET_KEEPCAPS
+	PR_CAPBSET_DROP            = unix.PR_CAPBSET_DROP
+	PR_CAP_AMBIENT             = unix.PR_CAP_AMBIENT
+	PR_CAP_AMBIENT_RAISE       = unix.PR_CAP_AMBIENT_RAISE
+	LINUX_CAPABILITY_VERSION_3 = 0x20080522
+)
