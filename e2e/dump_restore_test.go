@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -556,4 +557,50 @@ func TestDumpRestoreJSON(t *testing.T) {
 		t.Errorf("restore --json: pid %v, want %d", v, w.Pid)
 	}
 	checkAfterRestore(t, w, pre)
+}
+
+// TestDumpRestoreNonRoot restores a multi-threaded process of an ordinary
+// user: every thread must come back with that user's credentials and no
+// capabilities, not with the restorer's root.
+func TestDumpRestoreNonRoot(t *testing.T) {
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Skip("setpriv (util-linux) not installed")
+	}
+	bin := need(t, "threads")[0]
+	// The fixture must be reachable by uid 65534: copy it out of the
+	// root-only build directory.
+	dir, err := os.MkdirTemp("", "phaul-nonroot-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := filepath.Join(dir, "threads")
+	if err := os.WriteFile(exe, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	w := testutil.StartWorkload(t, []string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe},
+		&testutil.Options{Name: "threads-nobody"})
+	dumpRestoreCycle(t, w, cycleOpts{})
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", w.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		st, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", w.Pid, task.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, want := range []string{"Uid:\t65534\t65534\t65534\t65534", "Gid:\t65534\t65534\t65534\t65534", "CapEff:\t0000000000000000"} {
+			if !strings.Contains(string(st), want) {
+				t.Errorf("thread %s after restore lacks %q:\n%s", task.Name(), want, st)
+			}
+		}
+	}
 }
