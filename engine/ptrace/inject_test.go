@@ -3,6 +3,10 @@ package ptrace_test
 import (
 	"errors"
 	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -127,4 +131,71 @@ func TestRestartRegs(t *testing.T) {
 			t.Errorf("rax %d orig %d: rip = %#x", tc.rax, tc.orig, got.Rip)
 		}
 	}
+}
+
+// TestFreezeTimesOutOnUninterruptibleThread freezes a process one of whose
+// threads sits in uninterruptible sleep (vfork: the parent waits in D state
+// until the child execs or exits). Freeze must fail with ErrStopTimeout
+// naming the state, and leave the process running.
+func TestFreezeTimesOutOnUninterruptibleThread(t *testing.T) {
+	if _, err := exec.LookPath("gcc"); err != nil {
+		t.Skip("gcc not installed")
+	}
+	dir := t.TempDir()
+	src := dir + "/vfork.c"
+	prog := "#include <unistd.h>\nint main(void){ if (vfork()==0) { sleep(30); _exit(0); } return 0; }\n"
+	if err := os.WriteFile(src, []byte(prog), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("gcc", "-o", dir+"/vfork", src).CombinedOutput(); err != nil {
+		t.Fatalf("gcc: %v: %s", err, out)
+	}
+	cmd := exec.Command(dir + "/vfork")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		// The vfork child too: it is in the same process group.
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		_ = cmd.Wait()
+	}()
+	pid := cmd.Process.Pid
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if strings.Contains(string(st), ") D ") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Skipf("could not get a thread into D state: %s", st)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	old := ptrace.StopTimeout
+	ptrace.StopTimeout = 300 * time.Millisecond
+	defer func() { ptrace.StopTimeout = old }()
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	err := tr.Do(func() error {
+		f, err := ptrace.Freeze(pid)
+		if err == nil {
+			_ = f.Resume(0)
+		}
+		return err
+	})
+	if !errors.Is(err, ptrace.ErrStopTimeout) || !strings.Contains(err.Error(), "state D") {
+		t.Fatalf("Freeze = %v, want ErrStopTimeout naming state D", err)
+	}
+	// Closing the tracer lets go of the thread that never stopped.
+	tr.Close()
+	var st []byte
+	for i := 0; i < 100; i++ {
+		st, _ = os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+		if strings.Contains(string(st), "TracerPid:\t0") {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Errorf("process left traced after the tracer closed:\n%s", st)
 }

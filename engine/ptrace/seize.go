@@ -6,12 +6,16 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/phaul/phaul/internal/sys"
 )
 
 // Options phaul seizes with.
 const seizeOptions = sys.PTRACE_O_TRACESYSGOOD
+
+// StopTimeout bounds the wait for one thread to stop when freezing.
+var StopTimeout = 10 * time.Second
 
 // ErrAlreadyTraced reports a tracee that another tracer holds.
 var ErrAlreadyTraced = errors.New("already traced")
@@ -40,7 +44,9 @@ type Frozen struct {
 }
 
 // Freeze seizes and stops every thread of pid, re-reading the thread list
-// until it is stable. On error every thread already seized is released.
+// until it is stable. On error every thread already stopped is released; a
+// thread that did not stop within StopTimeout (ErrStopTimeout) stays
+// attached until the Tracer is closed.
 //
 // Precondition: called on the Tracer thread.
 func Freeze(pid int) (*Frozen, error) {
@@ -100,9 +106,11 @@ func (f *Frozen) seizeThread(tid int) (bool, error) {
 		return false, fmt.Errorf("interrupt thread %d: %w", tid, err)
 	}
 	for {
-		st, err := Wait(tid)
+		st, err := WaitTimeout(tid, StopTimeout)
 		if err != nil {
-			return false, err
+			// PTRACE_DETACH needs a stopped tracee: this one stays attached
+			// until the Tracer closes, when the kernel detaches it.
+			return false, fmt.Errorf("freeze %d: %w", f.Pid, err)
 		}
 		switch {
 		case st.Exited():

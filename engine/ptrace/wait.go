@@ -3,6 +3,9 @@ package ptrace
 import (
 	"errors"
 	"fmt"
+	"os"
+	"strings"
+	"time"
 
 	"github.com/phaul/phaul/internal/sys"
 )
@@ -80,4 +83,50 @@ func Wait(tid int) (Stop, error) {
 		return Stop{}, fmt.Errorf("wait for %d: %w", tid, err)
 	}
 	return Stop{Status: ws}, nil
+}
+
+// ErrStopTimeout reports a thread that did not stop in time (typically one
+// in uninterruptible sleep: D state).
+var ErrStopTimeout = errors.New("did not stop in time")
+
+// WaitTimeout is Wait with a deadline. It polls with WNOHANG, sleeping a
+// little longer each time (from 5 µs up to 1 ms), so a thread that stops
+// at once costs no more than with Wait.
+//
+// Precondition: called on the Tracer thread.
+func WaitTimeout(tid int, d time.Duration) (Stop, error) {
+	deadline := time.Now().Add(d)
+	nap := 5 * time.Microsecond
+	for {
+		wpid, ws, err := sys.Wait4(tid, sys.WALL|sys.WNOHANG)
+		if err != nil {
+			if errors.Is(err, sys.ECHILD) {
+				return Stop{}, fmt.Errorf("wait for %d: %w", tid, ErrProcessGone)
+			}
+			return Stop{}, fmt.Errorf("wait for %d: %w", tid, err)
+		}
+		if wpid == tid {
+			return Stop{Status: ws}, nil
+		}
+		if time.Now().After(deadline) {
+			return Stop{}, fmt.Errorf("thread %d %w (%v; %s)", tid, ErrStopTimeout, d, threadState(tid))
+		}
+		time.Sleep(nap)
+		nap = min(2*nap, time.Millisecond)
+	}
+}
+
+// threadState describes what a thread is doing, from /proc.
+func threadState(tid int) string {
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", tid))
+	state := "state unknown"
+	if err == nil {
+		if i := strings.LastIndexByte(string(st), ')'); i > 0 && i+2 < len(st) {
+			state = "state " + string(st[i+2])
+		}
+	}
+	if w, err := os.ReadFile(fmt.Sprintf("/proc/%d/wchan", tid)); err == nil && len(w) > 0 && string(w) != "0" {
+		state += ", waiting in " + string(w)
+	}
+	return state
 }
