@@ -13,6 +13,7 @@ import (
 	"github.com/phaul/phaul/engine/ptrace"
 	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/protocol/imagepb"
+	"github.com/phaul/phaul/tracker"
 )
 
 // FormatVersion is the image format this engine writes.
@@ -28,6 +29,12 @@ type DumpOptions struct {
 	LeaveRunning bool
 	// ShellJob re-binds descriptors on a terminal to the restorer's stdio.
 	ShellJob bool
+	// Parent is the last pre-dump of a chain (PreDump): only the pages
+	// written since are saved, the others are recorded as in the parent.
+	// Tracking is removed from the process before anything is collected.
+	Parent string
+	// Track, when set, is the tracking backend Parent must have used.
+	Track string
 	// Logger receives progress; nil discards it.
 	Logger *slog.Logger
 }
@@ -45,6 +52,10 @@ type DumpResult struct {
 	FrozenMS     float64       `json:"frozen_ms"`
 	DurationMS   float64       `json:"duration_ms"`
 	Killed       bool          `json:"killed"`
+	// PagesInParent counts the pages recorded as unchanged since Parent.
+	PagesInParent uint64 `json:"pages_in_parent"`
+	// Tracker is the tracking backend of the parent chain.
+	Tracker string `json:"tracker,omitempty"`
 }
 
 // Dump checkpoints a process into an image directory. The process is frozen
@@ -68,6 +79,12 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
 	}
 
+	var par *parentImage
+	if opt.Parent != "" {
+		if par, err = openParent(opt.Parent, opt.Dir, opt.Pid); err != nil {
+			return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
+		}
+	}
 	log.Debug("checked", "since_start", time.Since(start))
 	tr := ptrace.NewTracer()
 	defer tr.Close()
@@ -75,6 +92,8 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	c := &collector{pid: opt.Pid, status: status}
 	var p *imagepb.Process
 	var frozenAt time.Time
+	var inParent tracker.Ranges
+	var backend string
 	// Phase 1, on the tracer thread: freeze and collect.
 	err = tr.Do(func() error {
 		f, err := ptrace.Freeze(opt.Pid)
@@ -84,6 +103,13 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		frozenAt = time.Now()
 		c.frozen = f
 		log.Debug("frozen", "threads", len(f.Tids))
+		if par != nil {
+			// Before the mappings and descriptors are collected: tracking
+			// leaves registered mappings and a descriptor behind.
+			if inParent, backend, _, err = lastRound(ctx, f, par, opt.Track, log); err != nil {
+				return err
+			}
+		}
 		if c.maps, err = proc.ReadSmaps(opt.Pid); err != nil {
 			return err
 		}
@@ -132,7 +158,11 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		return nil, resume(err)
 	}
 	log.Debug("descriptors collected", "fds", len(p.Fds), "since_freeze", time.Since(frozenAt))
-	ms, err := dumpMemory(opt.Pid, p.Vmas, w)
+	var fromParent func(addr uint64) bool
+	if inParent != nil {
+		fromParent = inParent.Contains
+	}
+	ms, err := dumpMemory(opt.Pid, p.Vmas, w, fromParent)
 	log.Debug("memory written", "pages", ms.written, "zero", ms.zero, "since_freeze", time.Since(frozenAt))
 	if err == nil {
 		err = w.Close()
@@ -157,15 +187,20 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		}},
 		XsaveFeatures: xsaveFeatures(p),
 		ShellJob:      opt.ShellJob,
+		Tracker:       backend,
+	}
+	if ms.parent > 0 {
+		inv.Parent = par.rel
 	}
 	res := &DumpResult{
 		Pid: opt.Pid, Threads: len(p.Threads),
 		PagesScanned: ms.scanned, PagesWritten: ms.written, PagesZero: ms.zero,
-		BytesWritten: ms.written * pageSize,
+		BytesWritten: ms.written * pageSize, PagesInParent: ms.parent, Tracker: backend,
 	}
 	inv.Stats = &imagepb.DumpStats{
 		PagesScanned: res.PagesScanned, PagesWritten: res.PagesWritten, PagesZero: res.PagesZero,
-		BytesWritten: res.BytesWritten, FrozenNs: uint64(time.Since(frozenAt)), DurationNs: uint64(time.Since(start)),
+		BytesWritten: res.BytesWritten, PagesInParent: res.PagesInParent,
+		FrozenNs: uint64(time.Since(frozenAt)), DurationNs: uint64(time.Since(start)),
 	}
 	// Every image is on disk before the process may die; the inventory
 	// goes last: a directory without one is not an image.

@@ -20,7 +20,7 @@ type pageRange struct {
 
 // memStats counts what a memory dump did.
 type memStats struct {
-	scanned, written, zero uint64
+	scanned, written, zero, parent uint64
 }
 
 // savedPages returns the runs of pages of v whose contents belong in the
@@ -66,17 +66,21 @@ type batch struct {
 	err  error
 }
 
-// segment is part of a batch: data pages at addr, or n zero pages.
+// segment is part of a batch: data pages at addr, or n zero pages, or n
+// pages found in the parent image.
 type segment struct {
-	addr uint64
-	data []byte // nil for zero pages
-	zero uint64
+	addr   uint64
+	data   []byte // nil for zero and parent pages
+	zero   uint64
+	parent uint64
 }
 
 // dumpMemory copies the saved pages of every VMA into w. Reading (with
 // process_vm_readv, or /proc/PID/mem for unreadable mappings) and zero-page
 // detection run in one goroutine, checksumming and writing in another.
-func dumpMemory(pid int, vmas []*imagepb.VMA, w *image.PageWriter) (memStats, error) {
+// Pages for which inParent (when not nil) is true are not read: they are
+// recorded as in the parent image.
+func dumpMemory(pid int, vmas []*imagepb.VMA, w *image.PageWriter, inParent func(addr uint64) bool) (memStats, error) {
 	var st memStats
 	pm, err := proc.OpenPagemap(pid)
 	if err != nil {
@@ -114,19 +118,31 @@ func dumpMemory(pid int, vmas []*imagepb.VMA, w *image.PageWriter) (memStats, er
 			st.scanned += (v.End - v.Start) / pageSize
 			readable := v.Prot&sys.PROT_READ != 0
 			for len(runs) > 0 {
-				var buf []byte
-				select {
-				case buf = <-free:
-				case <-done:
-					return
+				var parent pageRange
+				var read []pageRange
+				read, parent, runs = nextFromParent(runs, inParent)
+				for len(read) > 0 {
+					var buf []byte
+					select {
+					case buf = <-free:
+					case <-done:
+						return
+					}
+					b, rest, err := readBatch(pid, mem, readable, read, buf)
+					read = rest
+					if err != nil {
+						full <- batch{err: fmt.Errorf("read memory of %d in %#x-%#x: %w", pid, v.Start, v.End, err)}
+						return
+					}
+					full <- b
 				}
-				b, rest, err := readBatch(pid, mem, readable, runs, buf)
-				runs = rest
-				if err != nil {
-					full <- batch{err: fmt.Errorf("read memory of %d in %#x-%#x: %w", pid, v.Start, v.End, err)}
-					return
+				if parent.n > 0 {
+					select {
+					case full <- batch{segs: []segment{{addr: parent.addr, parent: parent.n}}}:
+					case <-done:
+						return
+					}
 				}
-				full <- b
 			}
 		}
 	}()
@@ -136,6 +152,13 @@ func dumpMemory(pid int, vmas []*imagepb.VMA, w *image.PageWriter) (memStats, er
 			return st, b.err
 		}
 		for _, s := range b.segs {
+			if s.parent > 0 {
+				st.parent += s.parent
+				if err := w.AddParentRun(s.addr, s.parent); err != nil {
+					return st, err
+				}
+				continue
+			}
 			if s.data == nil {
 				st.zero += s.zero
 				if err := w.AddZeroRun(s.addr, s.zero); err != nil {
@@ -148,9 +171,42 @@ func dumpMemory(pid int, vmas []*imagepb.VMA, w *image.PageWriter) (memStats, er
 				return st, err
 			}
 		}
-		free <- b.buf
+		if b.buf != nil {
+			free <- b.buf
+		}
 	}
 	return st, nil
+}
+
+// nextFromParent splits runs at the first page found in the parent image:
+// it returns the pages before it (to read), the pages of the parent from
+// it on, and the runs after those.
+func nextFromParent(runs []pageRange, inParent func(addr uint64) bool) (read []pageRange, parent pageRange, rest []pageRange) {
+	if inParent == nil {
+		return runs, pageRange{}, nil
+	}
+	for i, r := range runs {
+		for p := uint64(0); p < r.n; p++ {
+			if !inParent(r.addr + p*pageSize) {
+				continue
+			}
+			read = append(runs[:i:i], pageRange{addr: r.addr, n: p})
+			if p == 0 {
+				read = read[:i]
+			}
+			q := p
+			for q < r.n && inParent(r.addr+q*pageSize) {
+				q++
+			}
+			parent = pageRange{addr: r.addr + p*pageSize, n: q - p}
+			rest = runs[i+1:]
+			if q < r.n {
+				rest = append([]pageRange{{addr: r.addr + q*pageSize, n: r.n - q}}, rest...)
+			}
+			return read, parent, rest
+		}
+	}
+	return runs, pageRange{}, nil
 }
 
 // readBatch reads as many of runs as fit in buf and splits what it read

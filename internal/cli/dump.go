@@ -13,12 +13,14 @@ func init() {
 	register(&command{
 		name:    "dump",
 		summary: "checkpoint a running process into an image directory",
-		usage:   "-t PID -D DIR [--leave-running] [--shell-job] [--json]",
+		usage:   "-t PID -D DIR [--prev DIR [--track NAME]] [--leave-running] [--shell-job] [--json]",
 		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
 			pid := fs.IntP("tree", "t", 0, "PID of the process to dump (required)")
 			dir := fs.StringP("images-dir", "D", "", "directory to write the images to (required; created if missing)")
 			leave := fs.BoolP("leave-running", "R", false, "resume the process after the dump instead of killing it")
 			shell := fs.Bool("shell-job", false, "allow descriptors on a terminal; restore re-binds them to the restorer's stdio")
+			prev := fs.String("prev", "", "the last pre-dump (phaul pre-dump): save only the pages changed since")
+			track := fs.String("track", "", "the tracking backend the --prev chain must have used")
 			asJSON := fs.Bool("json", false, "print the result as JSON")
 			verbose := fs.CountP("verbose", "v", "log progress to stderr (-vv for debug)")
 			return func(ctx context.Context, env *Env, args []string) error {
@@ -32,7 +34,7 @@ func init() {
 					return usageError("-D DIR is required")
 				}
 				res, err := engine.Dump(ctx, engine.DumpOptions{
-					Pid: *pid, Dir: *dir, LeaveRunning: *leave, ShellJob: *shell,
+					Pid: *pid, Dir: *dir, LeaveRunning: *leave, ShellJob: *shell, Parent: *prev, Track: *track,
 					Logger: newLogger(env, *verbose),
 				})
 				if err != nil {
@@ -45,8 +47,12 @@ func init() {
 				if !res.Killed {
 					fate = "left running"
 				}
-				fmt.Fprintf(env.Stdout, "dumped %d (%d threads) to %s: %d pages written (%s), %d zero pages elided, frozen %.1f ms, total %.1f ms; process %s\n",
-					res.Pid, res.Threads, *dir, res.PagesWritten, humanBytes(res.BytesWritten), res.PagesZero,
+				inParent := ""
+				if *prev != "" {
+					inParent = fmt.Sprintf(", %d unchanged since %s", res.PagesInParent, *prev)
+				}
+				fmt.Fprintf(env.Stdout, "dumped %d (%d threads) to %s: %d pages written (%s), %d zero pages elided%s, frozen %.1f ms, total %.1f ms; process %s\n",
+					res.Pid, res.Threads, *dir, res.PagesWritten, humanBytes(res.BytesWritten), res.PagesZero, inParent,
 					res.FrozenMS, res.DurationMS, fate)
 				return nil
 			}

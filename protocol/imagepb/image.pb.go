@@ -259,8 +259,11 @@ type Inventory struct {
 	XsaveFeatures uint64 `protobuf:"varint,10,opt,name=xsave_features,json=xsaveFeatures,proto3" json:"xsave_features,omitempty"`
 	// True when dumped with --shell-job: stdio bound to a terminal is re-bound
 	// to the restorer's stdio.
-	ShellJob      bool       `protobuf:"varint,11,opt,name=shell_job,json=shellJob,proto3" json:"shell_job,omitempty"`
-	Stats         *DumpStats `protobuf:"bytes,12,opt,name=stats,proto3" json:"stats,omitempty"`
+	ShellJob bool       `protobuf:"varint,11,opt,name=shell_job,json=shellJob,proto3" json:"shell_job,omitempty"`
+	Stats    *DumpStats `protobuf:"bytes,12,opt,name=stats,proto3" json:"stats,omitempty"`
+	// Dirty-page tracking backend that chose the pages of this image
+	// ("softdirty", "uffdwp", "hash"); empty for an image without a parent.
+	Tracker       string `protobuf:"bytes,13,opt,name=tracker,proto3" json:"tracker,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -379,6 +382,13 @@ func (x *Inventory) GetStats() *DumpStats {
 	return nil
 }
 
+func (x *Inventory) GetTracker() string {
+	if x != nil {
+		return x.Tracker
+	}
+	return ""
+}
+
 type ProcessEntry struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Pid   int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
@@ -465,13 +475,17 @@ func (x *ProcessEntry) GetExitStatus() int32 {
 }
 
 type DumpStats struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	PagesScanned  uint64                 `protobuf:"varint,1,opt,name=pages_scanned,json=pagesScanned,proto3" json:"pages_scanned,omitempty"`
-	PagesWritten  uint64                 `protobuf:"varint,2,opt,name=pages_written,json=pagesWritten,proto3" json:"pages_written,omitempty"`
-	PagesZero     uint64                 `protobuf:"varint,3,opt,name=pages_zero,json=pagesZero,proto3" json:"pages_zero,omitempty"`
-	BytesWritten  uint64                 `protobuf:"varint,4,opt,name=bytes_written,json=bytesWritten,proto3" json:"bytes_written,omitempty"`
-	FrozenNs      uint64                 `protobuf:"varint,5,opt,name=frozen_ns,json=frozenNs,proto3" json:"frozen_ns,omitempty"`
-	DurationNs    uint64                 `protobuf:"varint,6,opt,name=duration_ns,json=durationNs,proto3" json:"duration_ns,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	PagesScanned uint64                 `protobuf:"varint,1,opt,name=pages_scanned,json=pagesScanned,proto3" json:"pages_scanned,omitempty"`
+	PagesWritten uint64                 `protobuf:"varint,2,opt,name=pages_written,json=pagesWritten,proto3" json:"pages_written,omitempty"`
+	PagesZero    uint64                 `protobuf:"varint,3,opt,name=pages_zero,json=pagesZero,proto3" json:"pages_zero,omitempty"`
+	BytesWritten uint64                 `protobuf:"varint,4,opt,name=bytes_written,json=bytesWritten,proto3" json:"bytes_written,omitempty"`
+	FrozenNs     uint64                 `protobuf:"varint,5,opt,name=frozen_ns,json=frozenNs,proto3" json:"frozen_ns,omitempty"`
+	DurationNs   uint64                 `protobuf:"varint,6,opt,name=duration_ns,json=durationNs,proto3" json:"duration_ns,omitempty"`
+	// Pages recorded as PAGES_IN_PARENT: unchanged since the parent image.
+	PagesInParent uint64 `protobuf:"varint,7,opt,name=pages_in_parent,json=pagesInParent,proto3" json:"pages_in_parent,omitempty"`
+	// Pages the tracker reported written since the parent image.
+	PagesDirty    uint64 `protobuf:"varint,8,opt,name=pages_dirty,json=pagesDirty,proto3" json:"pages_dirty,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -544,6 +558,20 @@ func (x *DumpStats) GetFrozenNs() uint64 {
 func (x *DumpStats) GetDurationNs() uint64 {
 	if x != nil {
 		return x.DurationNs
+	}
+	return 0
+}
+
+func (x *DumpStats) GetPagesInParent() uint64 {
+	if x != nil {
+		return x.PagesInParent
+	}
+	return 0
+}
+
+func (x *DumpStats) GetPagesDirty() uint64 {
+	if x != nil {
+		return x.PagesDirty
 	}
 	return 0
 }
@@ -2629,11 +2657,186 @@ func (x *PageRun) GetCrc32C() uint32 {
 	return 0
 }
 
+// TrackerState is what dirty-page tracking keeps between two separate
+// pre-dump runs (tracker.img in a pre-dump directory, framed by package
+// tracker). Restore never reads it, and the final dump removes what it
+// describes from the process.
+type TrackerState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Backend name: "softdirty", "uffdwp" or "hash".
+	Backend string `protobuf:"bytes,1,opt,name=backend,proto3" json:"backend,omitempty"`
+	Pid     int32  `protobuf:"varint,2,opt,name=pid,proto3" json:"pid,omitempty"`
+	// Start time of the process (clock ticks after boot, /proc/PID/stat field
+	// 22): tells the process from a later one with the same PID.
+	StartTime uint64 `protobuf:"varint,3,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// Rounds done so far.
+	Round uint32 `protobuf:"varint,4,opt,name=round,proto3" json:"round,omitempty"`
+	// Wall-clock time of the last round's scan.
+	RoundUnixNano int64 `protobuf:"varint,5,opt,name=round_unix_nano,json=roundUnixNano,proto3" json:"round_unix_nano,omitempty"`
+	// Set once a later run took the state over: it may no longer be used to
+	// continue tracking, only to find what to clean up.
+	Consumed bool `protobuf:"varint,6,opt,name=consumed,proto3" json:"consumed,omitempty"`
+	// uffdwp: the userfaultfd left open in the process, and its inode number.
+	Uffd      int32  `protobuf:"varint,7,opt,name=uffd,proto3" json:"uffd,omitempty"`
+	UffdInode uint64 `protobuf:"varint,8,opt,name=uffd_inode,json=uffdInode,proto3" json:"uffd_inode,omitempty"`
+	// hash: digests of the pages as last recorded.
+	Hashed        []*HashedArea `protobuf:"bytes,9,rep,name=hashed,proto3" json:"hashed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TrackerState) Reset() {
+	*x = TrackerState{}
+	mi := &file_image_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TrackerState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TrackerState) ProtoMessage() {}
+
+func (x *TrackerState) ProtoReflect() protoreflect.Message {
+	mi := &file_image_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TrackerState.ProtoReflect.Descriptor instead.
+func (*TrackerState) Descriptor() ([]byte, []int) {
+	return file_image_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *TrackerState) GetBackend() string {
+	if x != nil {
+		return x.Backend
+	}
+	return ""
+}
+
+func (x *TrackerState) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *TrackerState) GetStartTime() uint64 {
+	if x != nil {
+		return x.StartTime
+	}
+	return 0
+}
+
+func (x *TrackerState) GetRound() uint32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *TrackerState) GetRoundUnixNano() int64 {
+	if x != nil {
+		return x.RoundUnixNano
+	}
+	return 0
+}
+
+func (x *TrackerState) GetConsumed() bool {
+	if x != nil {
+		return x.Consumed
+	}
+	return false
+}
+
+func (x *TrackerState) GetUffd() int32 {
+	if x != nil {
+		return x.Uffd
+	}
+	return 0
+}
+
+func (x *TrackerState) GetUffdInode() uint64 {
+	if x != nil {
+		return x.UffdInode
+	}
+	return 0
+}
+
+func (x *TrackerState) GetHashed() []*HashedArea {
+	if x != nil {
+		return x.Hashed
+	}
+	return nil
+}
+
+// HashedArea holds one digest per page of [start, start + 4096 * len(digests));
+// 0 stands for a page that was not present.
+type HashedArea struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Start         uint64                 `protobuf:"varint,1,opt,name=start,proto3" json:"start,omitempty"`
+	Digests       []uint64               `protobuf:"fixed64,2,rep,packed,name=digests,proto3" json:"digests,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HashedArea) Reset() {
+	*x = HashedArea{}
+	mi := &file_image_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HashedArea) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HashedArea) ProtoMessage() {}
+
+func (x *HashedArea) ProtoReflect() protoreflect.Message {
+	mi := &file_image_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HashedArea.ProtoReflect.Descriptor instead.
+func (*HashedArea) Descriptor() ([]byte, []int) {
+	return file_image_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *HashedArea) GetStart() uint64 {
+	if x != nil {
+		return x.Start
+	}
+	return 0
+}
+
+func (x *HashedArea) GetDigests() []uint64 {
+	if x != nil {
+		return x.Digests
+	}
+	return nil
+}
+
 var File_image_proto protoreflect.FileDescriptor
 
 const file_image_proto_rawDesc = "" +
 	"\n" +
-	"\vimage.proto\x12\x0ephaul.image.v1\"\xc5\x03\n" +
+	"\vimage.proto\x12\x0ephaul.image.v1\"\xdf\x03\n" +
 	"\tInventory\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12#\n" +
 	"\rphaul_version\x18\x02 \x01(\tR\fphaulVersion\x12%\n" +
@@ -2647,7 +2850,8 @@ const file_image_proto_rawDesc = "" +
 	"\x0exsave_features\x18\n" +
 	" \x01(\x04R\rxsaveFeatures\x12\x1b\n" +
 	"\tshell_job\x18\v \x01(\bR\bshellJob\x12/\n" +
-	"\x05stats\x18\f \x01(\v2\x19.phaul.image.v1.DumpStatsR\x05stats\"\x93\x01\n" +
+	"\x05stats\x18\f \x01(\v2\x19.phaul.image.v1.DumpStatsR\x05stats\x12\x18\n" +
+	"\atracker\x18\r \x01(\tR\atracker\"\x93\x01\n" +
 	"\fProcessEntry\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04ppid\x18\x02 \x01(\x05R\x04ppid\x12\x12\n" +
@@ -2655,7 +2859,7 @@ const file_image_proto_rawDesc = "" +
 	"\x03sid\x18\x04 \x01(\x05R\x03sid\x12\x16\n" +
 	"\x06zombie\x18\x05 \x01(\bR\x06zombie\x12\x1f\n" +
 	"\vexit_status\x18\x06 \x01(\x05R\n" +
-	"exitStatus\"\xd7\x01\n" +
+	"exitStatus\"\xa0\x02\n" +
 	"\tDumpStats\x12#\n" +
 	"\rpages_scanned\x18\x01 \x01(\x04R\fpagesScanned\x12#\n" +
 	"\rpages_written\x18\x02 \x01(\x04R\fpagesWritten\x12\x1d\n" +
@@ -2664,7 +2868,10 @@ const file_image_proto_rawDesc = "" +
 	"\rbytes_written\x18\x04 \x01(\x04R\fbytesWritten\x12\x1b\n" +
 	"\tfrozen_ns\x18\x05 \x01(\x04R\bfrozenNs\x12\x1f\n" +
 	"\vduration_ns\x18\x06 \x01(\x04R\n" +
-	"durationNs\"\xe2\x05\n" +
+	"durationNs\x12&\n" +
+	"\x0fpages_in_parent\x18\a \x01(\x04R\rpagesInParent\x12\x1f\n" +
+	"\vpages_dirty\x18\b \x01(\x04R\n" +
+	"pagesDirty\"\xe2\x05\n" +
 	"\aProcess\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04comm\x18\x02 \x01(\tR\x04comm\x12\x10\n" +
@@ -2860,7 +3067,23 @@ const file_image_proto_rawDesc = "" +
 	"\x06source\x18\x03 \x01(\x0e2\x1a.phaul.image.v1.PageSourceR\x06source\x12\x1f\n" +
 	"\vfile_offset\x18\x04 \x01(\x04R\n" +
 	"fileOffset\x12\x16\n" +
-	"\x06crc32c\x18\x05 \x01(\rR\x06crc32c*\xd0\x01\n" +
+	"\x06crc32c\x18\x05 \x01(\rR\x06crc32c\"\x9a\x02\n" +
+	"\fTrackerState\x12\x18\n" +
+	"\abackend\x18\x01 \x01(\tR\abackend\x12\x10\n" +
+	"\x03pid\x18\x02 \x01(\x05R\x03pid\x12\x1d\n" +
+	"\n" +
+	"start_time\x18\x03 \x01(\x04R\tstartTime\x12\x14\n" +
+	"\x05round\x18\x04 \x01(\rR\x05round\x12&\n" +
+	"\x0fround_unix_nano\x18\x05 \x01(\x03R\rroundUnixNano\x12\x1a\n" +
+	"\bconsumed\x18\x06 \x01(\bR\bconsumed\x12\x12\n" +
+	"\x04uffd\x18\a \x01(\x05R\x04uffd\x12\x1d\n" +
+	"\n" +
+	"uffd_inode\x18\b \x01(\x04R\tuffdInode\x122\n" +
+	"\x06hashed\x18\t \x03(\v2\x1a.phaul.image.v1.HashedAreaR\x06hashed\"<\n" +
+	"\n" +
+	"HashedArea\x12\x14\n" +
+	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x18\n" +
+	"\adigests\x18\x02 \x03(\x06R\adigests*\xd0\x01\n" +
 	"\aVMAKind\x12\x0f\n" +
 	"\vVMA_UNKNOWN\x10\x00\x12\x14\n" +
 	"\x10VMA_ANON_PRIVATE\x10\x01\x12\x13\n" +
@@ -2914,7 +3137,7 @@ func file_image_proto_rawDescGZIP() []byte {
 }
 
 var file_image_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_image_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_image_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_image_proto_goTypes = []any{
 	(VMAKind)(0),         // 0: phaul.image.v1.VMAKind
 	(FileKind)(0),        // 1: phaul.image.v1.FileKind
@@ -2945,6 +3168,8 @@ var file_image_proto_goTypes = []any{
 	(*Pipe)(nil),         // 26: phaul.image.v1.Pipe
 	(*PageMap)(nil),      // 27: phaul.image.v1.PageMap
 	(*PageRun)(nil),      // 28: phaul.image.v1.PageRun
+	(*TrackerState)(nil), // 29: phaul.image.v1.TrackerState
+	(*HashedArea)(nil),   // 30: phaul.image.v1.HashedArea
 }
 var file_image_proto_depIdxs = []int32{
 	4,  // 0: phaul.image.v1.Inventory.processes:type_name -> phaul.image.v1.ProcessEntry
@@ -2973,11 +3198,12 @@ var file_image_proto_depIdxs = []int32{
 	22, // 23: phaul.image.v1.Epoll.targets:type_name -> phaul.image.v1.EpollTarget
 	28, // 24: phaul.image.v1.PageMap.runs:type_name -> phaul.image.v1.PageRun
 	2,  // 25: phaul.image.v1.PageRun.source:type_name -> phaul.image.v1.PageSource
-	26, // [26:26] is the sub-list for method output_type
-	26, // [26:26] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	30, // 26: phaul.image.v1.TrackerState.hashed:type_name -> phaul.image.v1.HashedArea
+	27, // [27:27] is the sub-list for method output_type
+	27, // [27:27] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_image_proto_init() }
@@ -2991,7 +3217,7 @@ func file_image_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_image_proto_rawDesc), len(file_image_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   26,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

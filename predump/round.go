@@ -1,0 +1,282 @@
+package predump
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/phaul/phaul/engine/image"
+	"github.com/phaul/phaul/internal/pagereader"
+	"github.com/phaul/phaul/tracker"
+)
+
+// PageSize is the size of the pages a round moves.
+const PageSize = tracker.PageSize
+
+// Sink receives the pages of one round, in increasing address order, with
+// no page given twice.
+type Sink interface {
+	// WritePages records the data of the pages at addr (whole pages; the
+	// slice is not retained after the call).
+	WritePages(addr uint64, data []byte) error
+	// ZeroPages records n pages at addr whose contents are all zero.
+	ZeroPages(addr, n uint64) error
+	// KeepPages records n pages at addr as unchanged since the previous
+	// round: their contents are what that round recorded.
+	KeepPages(addr, n uint64) error
+	// Done ends the round. Pages of the previous round that were not
+	// mentioned are gone.
+	Done() error
+}
+
+// Options configure one round.
+type Options struct {
+	// Previous holds the pages the previous round recorded (present in its
+	// copy); nil when there is none, and every present page is read.
+	Previous tracker.Ranges
+}
+
+// Stats describe one round.
+type Stats struct {
+	Round int `json:"round"`
+	// PagesScanned counts the pages of the mappings the round covered.
+	PagesScanned uint64 `json:"pages_scanned"`
+	// PagesPresent counts the pages the process has (present or swapped).
+	PagesPresent uint64 `json:"pages_present"`
+	// PagesDirty counts the present pages the tracker reported written.
+	PagesDirty uint64 `json:"pages_dirty"`
+	// PagesWritten counts the pages whose data went to the sink.
+	PagesWritten uint64 `json:"pages_written"`
+	// PagesZero counts the pages read and found all zero.
+	PagesZero uint64 `json:"pages_zero"`
+	// PagesKept counts the pages recorded as unchanged.
+	PagesKept uint64 `json:"pages_kept"`
+	// PagesGone counts the pages of the previous round that are gone.
+	PagesGone    uint64 `json:"pages_gone"`
+	BytesWritten uint64 `json:"bytes_written"`
+	// Scan is the tracker's round; Copy the reading and recording.
+	Scan     time.Duration `json:"-"`
+	Copy     time.Duration `json:"-"`
+	Duration time.Duration `json:"-"`
+	// Since is the time since the previous round looked (0: unknown).
+	Since time.Duration `json:"-"`
+	// DirtyRate is PagesDirty per second of Since.
+	DirtyRate float64 `json:"dirty_pages_per_sec"`
+	// Reset says why every page counted as written (see tracker.Delta).
+	Reset string `json:"reset,omitempty"`
+}
+
+// Result is what a round did.
+type Result struct {
+	Stats
+	// Recorded holds every page the sink now has: the Previous of the next
+	// round.
+	Recorded tracker.Ranges `json:"-"`
+}
+
+// readBuffers is how many batch buffers the reading runs ahead of the
+// recording with.
+const (
+	batchSize   = 8 << 20
+	readBuffers = 3
+)
+
+// op is a piece of one round's work: pages to keep, or to read.
+type op struct {
+	tracker.Range
+	keep     bool
+	readable bool
+}
+
+// batch is what the reader hands to the recorder: one kept range, or runs
+// read into buf.
+type batch struct {
+	keep *tracker.Range
+	runs []pagereader.Run
+	buf  []byte
+	err  error
+}
+
+// Run runs one round: it asks t what changed, reads what must be read
+// while the process runs, and records everything in sink, ending with
+// sink.Done. On error the sink's round is incomplete; the caller discards
+// it.
+func Run(ctx context.Context, t tracker.Tracker, sink Sink, opt Options) (*Result, error) {
+	start := time.Now()
+	pid := t.Pid()
+	d, err := t.Round(ctx)
+	if err != nil {
+		return nil, err
+	}
+	res := &Result{Stats: Stats{Round: d.Round, Scan: d.Took, Since: d.Since, Reset: d.Reset, PagesScanned: d.Scanned()}}
+	copyStart := time.Now()
+
+	pm, err := tracker.OpenPagemap(pid)
+	if err != nil {
+		return nil, fmt.Errorf("pre-dump round of %d: %w", pid, err)
+	}
+	defer pm.Close()
+	rd, err := pagereader.Open(pid)
+	if err != nil {
+		return nil, fmt.Errorf("pre-dump round of %d: %w", pid, err)
+	}
+	defer rd.Close()
+
+	// Pages recorded by the previous round and not written since.
+	keepable := tracker.Intersect(opt.Previous, d.Unchanged())
+	var ops []op
+	for _, a := range d.Areas {
+		present, err := pm.Present(a)
+		if err != nil {
+			return nil, fmt.Errorf("pre-dump round of %d: %w", pid, err)
+		}
+		res.PagesPresent += present.Pages()
+		res.PagesDirty += tracker.Intersect(present, d.Dirty).Pages()
+		keep := tracker.Intersect(present, keepable)
+		read := tracker.Subtract(present, keepable)
+		for len(keep) > 0 || len(read) > 0 {
+			if len(read) == 0 || len(keep) > 0 && keep[0].Start < read[0].Start {
+				ops = append(ops, op{Range: keep[0], keep: true})
+				keep = keep[1:]
+			} else {
+				ops = append(ops, op{Range: read[0], readable: a.Readable})
+				read = read[1:]
+			}
+		}
+	}
+
+	done := make(chan struct{})
+	defer close(done)
+	free := make(chan []byte, readBuffers)
+	for b := range readAll(rd, ops, free, done) {
+		if b.err != nil {
+			return nil, fmt.Errorf("pre-dump round of %d: %w", pid, b.err)
+		}
+		if err := record(t, sink, b, res); err != nil {
+			return nil, fmt.Errorf("pre-dump round of %d: %w", pid, err)
+		}
+		if b.buf != nil {
+			free <- b.buf
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+	}
+	if err := sink.Done(); err != nil {
+		return nil, fmt.Errorf("pre-dump round of %d: %w", pid, err)
+	}
+	res.PagesGone = tracker.Subtract(opt.Previous, res.Recorded).Pages()
+	res.BytesWritten = res.PagesWritten * PageSize
+	res.Copy = time.Since(copyStart)
+	res.Duration = time.Since(start)
+	if res.Since > 0 {
+		res.DirtyRate = float64(res.PagesDirty) / res.Since.Seconds()
+	}
+	return res, nil
+}
+
+// readAll reads the pages of ops in a goroutine and returns the channel
+// the batches come out of, in order. Buffers come back through free; at
+// most readBuffers are allocated. Closing done stops the goroutine.
+func readAll(rd *pagereader.Reader, ops []op, free chan []byte, done <-chan struct{}) <-chan batch {
+	out := make(chan batch, readBuffers-1)
+	go func() {
+		defer close(out)
+		send := func(b batch) bool {
+			select {
+			case out <- b:
+				return true
+			case <-done:
+				return false
+			}
+		}
+		// Buffers no larger than what there is to read: a round that
+		// reads a few pages should not clear megabytes.
+		size := 0
+		for _, o := range ops {
+			if !o.keep && size < batchSize {
+				size += int(o.Pages()) * PageSize
+			}
+		}
+		size = min(size, batchSize)
+		allocated := 0
+		for i := 0; i < len(ops); {
+			if ops[i].keep {
+				r := ops[i].Range
+				if !send(batch{keep: &r}) {
+					return
+				}
+				i++
+				continue
+			}
+			// Consecutive ranges to read, of one readability.
+			var spans []pagereader.Span
+			readable := ops[i].readable
+			for ; i < len(ops) && !ops[i].keep && ops[i].readable == readable; i++ {
+				spans = append(spans, pagereader.Span{Addr: ops[i].Start, Pages: ops[i].Pages()})
+			}
+			for len(spans) > 0 {
+				var buf []byte
+				select {
+				case buf = <-free:
+				default:
+					if allocated < readBuffers {
+						allocated++
+						buf = make([]byte, size)
+						break
+					}
+					select {
+					case buf = <-free:
+					case <-done:
+						return
+					}
+				}
+				runs, rest, err := rd.Batch(spans, readable, buf)
+				spans = rest
+				if !send(batch{runs: runs, buf: buf, err: err}) || err != nil {
+					return
+				}
+			}
+		}
+	}()
+	return out
+}
+
+// record hands one batch to the sink.
+func record(t tracker.Tracker, sink Sink, b batch, res *Result) error {
+	if b.keep != nil {
+		if err := sink.KeepPages(b.keep.Start, b.keep.Pages()); err != nil {
+			return err
+		}
+		res.PagesKept += b.keep.Pages()
+		res.Recorded.Add(b.keep.Start, b.keep.End)
+		return nil
+	}
+	for _, r := range b.runs {
+		// Split into zero and data pieces, page by page.
+		for off := 0; off < len(r.Data); {
+			zero := image.IsZero(r.Data[off : off+PageSize])
+			end := off + PageSize
+			for end < len(r.Data) && image.IsZero(r.Data[end:end+PageSize]) == zero {
+				end += PageSize
+			}
+			addr := r.Addr + uint64(off)
+			n := uint64(end-off) / PageSize
+			var err error
+			if zero {
+				err = sink.ZeroPages(addr, n)
+				res.PagesZero += n
+			} else {
+				err = sink.WritePages(addr, r.Data[off:end])
+				res.PagesWritten += n
+			}
+			if err != nil {
+				return err
+			}
+			t.Saved(addr, r.Data[off:end])
+			off = end
+		}
+		res.Recorded.Add(r.Addr, r.Addr+uint64(len(r.Data)))
+	}
+	return nil
+}
