@@ -190,7 +190,7 @@ func TestFreezeTimesOutOnUninterruptibleThread(t *testing.T) {
 	// Closing the tracer lets go of the thread that never stopped.
 	tr.Close()
 	var st []byte
-	for i := 0; i < 100; i++ {
+	for i := 0; i < 500; i++ {
 		st, _ = os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 		if strings.Contains(string(st), "TracerPid:\t0") {
 			return

@@ -9,6 +9,14 @@ import (
 // ErrTracerClosed is returned by Do after Close.
 var ErrTracerClosed = errors.New("ptrace: tracer closed")
 
+// init wires the main goroutine to the main thread for the program's whole
+// life, so that no other goroutine, a Tracer's included, ever runs there.
+// A Tracer relies on its thread exiting when it closes (the kernel then
+// detaches every tracee still attached, even one that never stopped), and
+// Go cannot end the main thread: it would park it instead, keeping the
+// tracees attached.
+func init() { runtime.LockOSThread() }
+
 // Tracer runs functions on one goroutine locked to its OS thread, the only
 // thread that may issue ptrace requests for the tracees it attached.
 //
