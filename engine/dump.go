@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"github.com/phaul/phaul/engine/image"
-	"github.com/phaul/phaul/engine/proc"
-	"github.com/phaul/phaul/engine/ptrace"
 	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/protocol/imagepb"
 	"github.com/phaul/phaul/tracker"
@@ -71,8 +69,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	if opt.Pid <= 0 {
 		return nil, fmt.Errorf("dump: invalid PID %d", opt.Pid)
 	}
-	status, err := checkProcess(opt.Pid)
-	if err != nil {
+	if _, err := checkProcess(opt.Pid); err != nil {
 		return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
 	}
 	if err := os.MkdirAll(opt.Dir, 0o700); err != nil {
@@ -81,77 +78,49 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 
 	var par *parentImage
 	if opt.Parent != "" {
+		var err error
 		if par, err = openParent(opt.Parent, opt.Dir, opt.Pid); err != nil {
 			return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
 		}
 	}
-	log.Debug("checked", "since_start", time.Since(start))
-	tr := ptrace.NewTracer()
-	defer tr.Close()
-
-	c := &collector{pid: opt.Pid, status: status}
-	var p *imagepb.Process
-	var frozenAt time.Time
 	var inParent tracker.Ranges
 	var backend string
-	// Phase 1, on the tracer thread: freeze and collect.
-	err = tr.Do(func() error {
-		f, err := ptrace.Freeze(opt.Pid)
-		if err != nil {
-			return err
-		}
-		frozenAt = time.Now()
-		c.frozen = f
-		log.Debug("frozen", "threads", len(f.Tids))
-		if par != nil {
-			// Before the mappings and descriptors are collected: tracking
-			// leaves registered mappings and a descriptor behind.
-			if inParent, backend, _, err = lastRound(ctx, f, par, opt.Track, log); err != nil {
+	fopt := FreezeOptions{Pid: opt.Pid, ShellJob: opt.ShellJob, Logger: log}
+	if par != nil {
+		fopt.TrackerDir = par.dir
+		fopt.LastRound = func(ctx context.Context, t tracker.Tracker) error {
+			if t == nil {
+				return nil // untracked parent: every page is saved
+			}
+			backend = t.Backend()
+			if opt.Track != "" && opt.Track != tracker.Auto && opt.Track != backend {
+				return fmt.Errorf("the parent image was tracked with %s, not %s", backend, opt.Track)
+			}
+			d, err := t.Round(ctx)
+			if err != nil {
 				return err
 			}
+			inParent = tracker.Intersect(par.recorded, d.Unchanged())
+			log.Debug("last tracking round", "backend", backend, "dirty", d.Dirty.Pages(), "from_parent", inParent.Pages(), "reset", d.Reset)
+			return nil
 		}
-		if c.maps, err = proc.ReadSmaps(opt.Pid); err != nil {
-			return err
-		}
-		if c.stat, err = proc.ReadStat(opt.Pid); err != nil {
-			return err
-		}
-		if v := findMapping(c.maps, "[vdso]"); v != nil {
-			if c.gadget, err = ptrace.FindGadget(opt.Pid, v.Start, v.End); err != nil {
-				return err
-			}
-		}
-		p, err = c.process()
-		log.Debug("state collected", "threads", len(c.frozen.Tids), "vmas", len(c.maps), "since_freeze", time.Since(frozenAt))
-		return err
-	})
+	}
+	fz, err := Freeze(ctx, fopt)
+	if err != nil {
+		return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
+	}
+	frozenAt := fz.At
+	p, files := fz.State.Process, fz.State.Files
 	// From here on, every failure resumes the process.
 	resume := func(cause error) error {
-		if c.frozen == nil {
-			return cause
-		}
-		rerr := tr.Do(func() error { return c.frozen.Resume(c.gadget) })
-		if rerr != nil {
+		if rerr := fz.Resume(); rerr != nil {
 			return fmt.Errorf("dump %d: %w (and resuming it failed: %v)", opt.Pid, cause, rerr)
 		}
 		log.Info("dump failed; process resumed", "err", cause)
 		return fmt.Errorf("dump %d: %w (the process was resumed)", opt.Pid, cause)
 	}
-	if err != nil {
-		if c.frozen == nil {
-			return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
-		}
-		return nil, resume(err)
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, resume(err)
-	}
 
-	// Phase 2: descriptors and memory, read while the process stays frozen.
-	ft := &fileTable{shellJob: opt.ShellJob}
-	if p.Fds, err = ft.dumpFDs(opt.Pid); err != nil {
-		return nil, resume(err)
-	}
+	// Memory, read while the process stays frozen.
 	d := image.Dir{Path: opt.Dir}
 	w, err := d.NewPageWriter(opt.Pid)
 	if err != nil {
@@ -182,9 +151,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		PageSize:        pageSize,
 		CreatedUnixNano: time.Now().UnixNano(),
 		RootPid:         int32(opt.Pid),
-		Processes: []*imagepb.ProcessEntry{{
-			Pid: int32(opt.Pid), Ppid: int32(c.stat.Ppid), Pgid: int32(c.stat.Pgrp), Sid: int32(c.stat.Session),
-		}},
+		Processes:       []*imagepb.ProcessEntry{fz.State.Entry},
 		XsaveFeatures: xsaveFeatures(p),
 		ShellJob:      opt.ShellJob,
 		Tracker:       backend,
@@ -204,7 +171,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	}
 	// Every image is on disk before the process may die; the inventory
 	// goes last: a directory without one is not an image.
-	if err := errors.Join(d.WriteProcess(p), d.WriteFiles(&ft.table)); err != nil {
+	if err := errors.Join(d.WriteProcess(p), d.WriteFiles(files)); err != nil {
 		return nil, resume(err)
 	}
 	if err := d.WriteInventory(inv); err != nil {
@@ -213,9 +180,9 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 
 	// Phase 3: kill or resume.
 	if opt.LeaveRunning {
-		err = tr.Do(func() error { return c.frozen.Resume(c.gadget) })
+		err = fz.Resume()
 	} else {
-		err = tr.Do(func() error { return c.frozen.Kill() })
+		err = fz.Kill()
 		res.Killed = true
 	}
 	res.Frozen = time.Since(frozenAt)

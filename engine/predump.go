@@ -12,7 +12,6 @@ import (
 
 	"github.com/phaul/phaul/engine/image"
 	"github.com/phaul/phaul/engine/proc"
-	"github.com/phaul/phaul/engine/ptrace"
 	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/predump"
 	"github.com/phaul/phaul/protocol/imagepb"
@@ -320,35 +319,3 @@ func (c *timedControl) total() time.Duration {
 	return c.sum
 }
 
-// lastRound runs the final round of the tracking a parent image left, on
-// the frozen process, and removes tracking from it, before its mappings
-// and descriptors are collected. It returns the pages the dump may record
-// as in the parent (nil: none, every page is read), the backend, and how
-// many pages the tracker reported written.
-//
-// Precondition: called on the Tracer thread, with the process frozen as f.
-func lastRound(ctx context.Context, f *ptrace.Frozen, par *parentImage, track string, log *slog.Logger) (tracker.Ranges, string, uint64, error) {
-	ctl := tracker.StoppedControl(f.Pid, f.Tids[0], 0)
-	t, err := tracker.Resume(ctx, f.Pid, par.dir, tracker.Options{Control: ctl, Logger: log})
-	if errors.Is(err, tracker.ErrNoState) {
-		log.Warn("the parent image has no tracking state: every page is saved", "parent", par.dir)
-		return nil, "", 0, nil
-	}
-	if err != nil {
-		return nil, "", 0, err
-	}
-	if track != "" && track != tracker.Auto && track != t.Backend() {
-		serr := t.Stop()
-		return nil, "", 0, errors.Join(fmt.Errorf("the parent image was tracked with %s, not %s", t.Backend(), track), serr)
-	}
-	d, err := t.Round(ctx)
-	if err != nil {
-		return nil, "", 0, errors.Join(err, t.Stop())
-	}
-	if err := t.Stop(); err != nil {
-		return nil, "", 0, err
-	}
-	keep := tracker.Intersect(par.recorded, d.Unchanged())
-	log.Debug("last tracking round", "backend", t.Backend(), "dirty", d.Dirty.Pages(), "from_parent", keep.Pages(), "reset", d.Reset)
-	return keep, t.Backend(), d.Dirty.Pages(), nil
-}
