@@ -152,9 +152,9 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		CreatedUnixNano: time.Now().UnixNano(),
 		RootPid:         int32(opt.Pid),
 		Processes:       []*imagepb.ProcessEntry{fz.State.Entry},
-		XsaveFeatures: xsaveFeatures(p),
-		ShellJob:      opt.ShellJob,
-		Tracker:       backend,
+		XsaveFeatures:   xsaveFeatures(p),
+		ShellJob:        opt.ShellJob,
+		Tracker:         backend,
 	}
 	if ms.parent > 0 {
 		inv.Parent = par.rel

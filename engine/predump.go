@@ -318,4 +318,3 @@ func (c *timedControl) total() time.Duration {
 	defer c.mu.Unlock()
 	return c.sum
 }
-
