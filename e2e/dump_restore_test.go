@@ -294,6 +294,9 @@ func TestRestoreErrors(t *testing.T) {
 			{"process-image-bytes-flipped", files.process, flipMiddle},
 			{"pagemap-bytes-flipped", files.pagemap, flipMiddle},
 			{"pages-truncated", files.pages, truncateHalf},
+			// One bit of page data, past the header: only the run's
+			// CRC-32C can tell, and no page may reach the process first.
+			{"page-data-bit-flipped", files.pages, flipLastPageByte},
 			{"inventory-header-flipped", files.inventory, flipHead},
 		}
 		for _, c := range corruptions {
@@ -434,6 +437,31 @@ func copyFile(from, to string) error {
 // flipMiddle inverts 16 bytes in the middle of a file.
 func flipMiddle(path string) error {
 	return flipAt(path, -1, 16)
+}
+
+// flipLastPageByte inverts one bit in the middle of the last page of a
+// pages file (page data, not its header).
+func flipLastPageByte(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if fi.Size() < 2*4096 {
+		return fmt.Errorf("%s holds no page data", path)
+	}
+	off := fi.Size() - 2048
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, off); err != nil {
+		return err
+	}
+	b[0] ^= 0x10
+	_, err = f.WriteAt(b, off)
+	return err
 }
 
 // flipHead inverts the first 8 bytes of a file (its magic and version).

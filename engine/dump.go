@@ -179,13 +179,15 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	}
 
 	// Phase 3: kill or resume.
+	// Frozen ends when the process is resumed or killed; the kernel's
+	// teardown of a killed process's memory is not a pause anyone sees.
+	res.Frozen = time.Since(frozenAt)
 	if opt.LeaveRunning {
 		err = fz.Resume()
 	} else {
 		err = fz.Kill()
 		res.Killed = true
 	}
-	res.Frozen = time.Since(frozenAt)
 	res.Duration = time.Since(start)
 	res.FrozenMS = float64(res.Frozen.Microseconds()) / 1000
 	res.DurationMS = float64(res.Duration.Microseconds()) / 1000

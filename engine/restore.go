@@ -67,7 +67,7 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	r := &restorer{
 		stdio: opt.Stdio, img: ip.State, files: cp.Files, entry: ip.Entry,
 		shellJob: cp.Inventory.GetShellJob(), xsave: cp.Inventory.GetXsaveFeatures(),
-		pid: int(ip.State.GetPid()),
+		pid: int(ip.State.GetPid()), started: start,
 		log: log.With("component", "restore", "pid", ip.State.GetPid()),
 	}
 	if err := r.precheck(); err != nil {
@@ -104,10 +104,11 @@ type restorer struct {
 	shellJob bool
 	xsave    uint64
 
-	pid   int
-	chain *image.Chain
-	log   *slog.Logger
-	tr    *ptrace.Tracer
+	pid     int
+	started time.Time
+	chain   *image.Chain
+	log     *slog.Logger
+	tr      *ptrace.Tracer
 	// vmas is the layout the process has now.
 	vmas []*imagepb.VMA
 
@@ -184,9 +185,11 @@ func (r *restorer) run(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	r.log.Debug("layout done", "since_start", time.Since(r.started))
 	if err := r.writePages(ctx); err != nil {
 		return err
 	}
+	r.log.Debug("pages written", "pages", r.pagesRestored, "since_start", time.Since(r.started))
 	return r.tr.Do(r.finish)
 }
 

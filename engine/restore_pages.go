@@ -2,8 +2,9 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"hash/crc32"
+	"sort"
 	"sync"
 
 	"github.com/phaul/phaul/engine/image"
@@ -11,172 +12,158 @@ import (
 	"github.com/phaul/phaul/protocol/imagepb"
 )
 
-// writeWorkers is how many goroutines write pages into the new process.
-// Writing into fresh memory is bound by page faults, which the kernel
-// handles on the writing thread: two writers use both cores.
+// writeWorkers is how many goroutines read, verify and write pages into
+// the new process. Writing into fresh memory is bound by page faults, which
+// the kernel handles on the writing thread: two workers use both cores.
 const writeWorkers = 2
 
-// maxWrite bounds one process_vm_writev call.
+// maxWrite bounds one process_vm_writev call (and the zero buffer).
 const maxWrite = 16 << 20
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// writePages verifies the checksums of the image's pages and writes them
-// into the new process.
-func (r *restorer) writePages(ctx context.Context) error {
-	maps := make(map[*image.Pages][]byte)
-	defer func() {
-		for _, m := range maps {
-			_ = sys.Munmap(m)
-		}
-	}()
-	for _, p := range r.chain.Images {
-		fi, err := p.File().Stat()
-		if err != nil {
-			return err
-		}
-		if fi.Size() == 0 {
-			continue
-		}
-		m, err := sys.Mmap(int(p.File().Fd()), 0, int(fi.Size()), sys.PROT_READ, sys.MAP_SHARED)
-		if err != nil {
-			return fmt.Errorf("map %s: %w", p.Path(), err)
-		}
-		maps[p] = m
-	}
-	// Checksums first: a corrupt image must fail before the process runs.
-	if err := r.verify(maps); err != nil {
-		return err
-	}
-	// Zero pages need writing only where the mapping does not start zeroed:
-	// private file mappings, whose unwritten pages show the file.
-	fileVMA := func(addr uint64) bool {
-		v := r.vmaAt(addr)
-		return v != nil && v.Kind == imagepb.VMAKind_VMA_FILE_PRIVATE
-	}
-	zero := make([]byte, maxWrite)
-	type job struct {
-		local  [][]byte
-		remote []sys.RemoteIovec
-		size   int
-	}
-	jobs := make(chan job, 4)
-	errc := make(chan error, writeWorkers)
-	var wg sync.WaitGroup
-	for i := 0; i < writeWorkers; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := range jobs {
-				n, err := sys.ProcessVMWritev(r.pid, j.local, j.remote)
-				if err == nil && n != j.size {
-					err = fmt.Errorf("short write: %d of %d bytes", n, j.size)
-				}
-				if err != nil {
-					errc <- fmt.Errorf("write pages at %#x: %w", j.remote[0].Base, err)
-					for range jobs {
-					}
-					return
-				}
-			}
-		}()
-	}
-	var cur job
-	flush := func() {
-		if cur.size > 0 {
-			jobs <- cur
-			cur = job{}
-		}
-	}
-	add := func(data []byte, addr uint64) {
-		for len(data) > 0 {
-			chunk := min(len(data), maxWrite-cur.size)
-			cur.local = append(cur.local, data[:chunk])
-			cur.remote = append(cur.remote, sys.RemoteIovec{Base: uintptr(addr), Len: chunk})
-			cur.size += chunk
-			data, addr = data[chunk:], addr+uint64(chunk)
-			if cur.size >= maxWrite || len(cur.remote) >= 1024 {
-				flush()
-			}
-		}
-	}
-	var err error
-	for _, e := range r.chain.Extents {
-		if ctx.Err() != nil {
-			err = ctx.Err()
-			break
-		}
-		size := int(e.NrPages) * pageSize
-		switch {
-		case !e.Zero:
-			m := maps[e.Pages]
-			if e.Offset < 0 || e.Offset+int64(size) > int64(len(m)) {
-				err = fmt.Errorf("%w: pages at %#x lie outside %s", ErrBadImage, e.Addr, e.Pages.Path())
-			} else {
-				add(m[e.Offset:e.Offset+int64(size)], e.Addr)
-			}
-		case fileVMA(e.Addr):
-			for off := 0; off < size; off += maxWrite {
-				add(zero[:min(maxWrite, size-off)], e.Addr+uint64(off))
-			}
-		}
-		if err != nil {
-			break
-		}
-		r.pagesRestored += e.NrPages
-	}
-	flush()
-	close(jobs)
-	wg.Wait()
-	close(errc)
-	if werr := <-errc; werr != nil {
-		return werr
-	}
-	return err
+// pageJob is one stored run of an image and the extents of the restore that
+// take their pages from it.
+type pageJob struct {
+	pages   *image.Pages
+	run     *imagepb.PageRun
+	extents []image.Extent
 }
 
-// verify checks the CRC-32C of every run of data the restore will use,
-// spreading the work over the write workers' cores.
-func (r *restorer) verify(maps map[*image.Pages][]byte) error {
-	type item struct {
-		p   *image.Pages
-		run *imagepb.PageRun
+// writePages writes the pages of the image chain into the new process. Each
+// stored run is read into a buffer the worker reuses (no mapping of the
+// image: in a VM, setting up a page table entry for every page of a
+// mapped file costs as much as the copy), its CRC-32C is checked, and the
+// extents that come from it are written with process_vm_writev. Nothing of
+// the process runs before every run was checked.
+func (r *restorer) writePages(ctx context.Context) error {
+	jobs, zeros, err := r.pageJobs()
+	if err != nil {
+		return err
 	}
-	var items []item
-	for _, p := range r.chain.Images {
-		for _, run := range p.Runs {
-			if run.GetSource() == imagepb.PageSource_PAGES_HERE {
-				items = append(items, item{p, run})
-			}
-		}
-	}
+	queue := make(chan pageJob)
 	errs := make([]error, writeWorkers)
 	var wg sync.WaitGroup
 	for w := 0; w < writeWorkers; w++ {
 		wg.Add(1)
 		go func(w int) {
 			defer wg.Done()
-			for i := w; i < len(items); i += writeWorkers {
-				it := items[i]
-				m := maps[it.p]
-				off, n := int64(it.run.GetFileOffset()), int64(it.run.GetNrPages())*pageSize
-				if off < 0 || off+n > int64(len(m)) {
-					errs[w] = fmt.Errorf("%w: run at %#x lies outside %s", ErrBadImage, it.run.GetAddr(), it.p.Path())
-					return
+			var buf []byte
+			for j := range queue {
+				if errs[w] != nil {
+					continue // drain
 				}
-				if got := crc32.Checksum(m[off:off+n], castagnoli); got != it.run.GetCrc32C() {
-					errs[w] = fmt.Errorf("%s: pages at %#x: %w (CRC-32C %#08x, expected %#08x)",
-						it.p.Path(), it.run.GetAddr(), image.ErrChecksum, got, it.run.GetCrc32C())
-					return
+				n := image.RunBytes(j.run)
+				if cap(buf) < n {
+					buf = make([]byte, n)
+				}
+				if err := j.pages.ReadRun(j.run, buf[:n]); err != nil {
+					errs[w] = err
+					continue
+				}
+				for _, e := range j.extents {
+					off := e.Offset - int64(j.run.GetFileOffset())
+					if err := r.writeRange(e.Addr, buf[off:off+int64(e.NrPages)*pageSize]); err != nil {
+						errs[w] = err
+						break
+					}
 				}
 			}
 		}(w)
 	}
+	var cerr error
+	for _, j := range jobs {
+		if cerr = ctx.Err(); cerr != nil {
+			break
+		}
+		queue <- j
+	}
+	close(queue)
 	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			return err
+	if err := errors.Join(append(errs, cerr)...); err != nil {
+		return err
+	}
+	// Zero pages need writing only where the mapping does not start zeroed:
+	// private file mappings, whose unwritten pages show the file.
+	zero := make([]byte, maxWrite)
+	for _, e := range zeros {
+		if v := r.vmaAt(e.Addr); v == nil || v.Kind != imagepb.VMAKind_VMA_FILE_PRIVATE {
+			continue
+		}
+		for off := uint64(0); off < e.NrPages*pageSize; off += maxWrite {
+			if err := r.writeRange(e.Addr+off, zero[:min(maxWrite, e.NrPages*pageSize-off)]); err != nil {
+				return err
+			}
 		}
 	}
+	for _, e := range r.chain.Extents {
+		r.pagesRestored += e.NrPages
+	}
 	return nil
+}
+
+// writeRange writes data at addr of the new process.
+func (r *restorer) writeRange(addr uint64, data []byte) error {
+	for len(data) > 0 {
+		chunk := data[:min(len(data), maxWrite)]
+		n, err := sys.ProcessVMWritev(r.pid, [][]byte{chunk}, []sys.RemoteIovec{{Base: uintptr(addr), Len: len(chunk)}})
+		if err == nil && n != len(chunk) {
+			err = fmt.Errorf("short write: %d of %d bytes", n, len(chunk))
+		}
+		if err != nil {
+			return fmt.Errorf("write pages at %#x: %w", addr, err)
+		}
+		data, addr = data[len(chunk):], addr+uint64(len(chunk))
+	}
+	return nil
+}
+
+// pageJobs groups the data extents of the chain by the stored run they
+// come from, and returns the zero extents apart.
+func (r *restorer) pageJobs() ([]pageJob, []image.Extent, error) {
+	var jobs []pageJob
+	index := map[*imagepb.PageRun]int{}
+	var zeros []image.Extent
+	// Per image, its stored runs in file order.
+	stored := map[*image.Pages][]*imagepb.PageRun{}
+	for _, p := range r.chain.Images {
+		for _, run := range p.Runs {
+			if run.GetSource() == imagepb.PageSource_PAGES_HERE {
+				stored[p] = append(stored[p], run)
+			}
+		}
+		sort.Slice(stored[p], func(i, j int) bool { return stored[p][i].GetFileOffset() < stored[p][j].GetFileOffset() })
+	}
+	for _, e := range r.chain.Extents {
+		if e.Zero {
+			zeros = append(zeros, e)
+			continue
+		}
+		runs := stored[e.Pages]
+		// An extent may span adjacent runs: split it at run boundaries.
+		// The first run is the last one starting at or before its offset.
+		i := sort.Search(len(runs), func(i int) bool { return int64(runs[i].GetFileOffset()) > e.Offset }) - 1
+		for e.NrPages > 0 {
+			if i < 0 || i >= len(runs) {
+				return nil, nil, fmt.Errorf("%w: pages at %#x lie outside the runs of %s", ErrBadImage, e.Addr, e.Pages.Path())
+			}
+			run := runs[i]
+			runEnd := int64(run.GetFileOffset()) + int64(image.RunBytes(run))
+			if e.Offset < int64(run.GetFileOffset()) || e.Offset >= runEnd {
+				return nil, nil, fmt.Errorf("%w: pages at %#x lie outside the runs of %s", ErrBadImage, e.Addr, e.Pages.Path())
+			}
+			part := e
+			part.NrPages = min(e.NrPages, uint64(runEnd-e.Offset)/pageSize)
+			k, ok := index[run]
+			if !ok {
+				k = len(jobs)
+				index[run] = k
+				jobs = append(jobs, pageJob{pages: e.Pages, run: run})
+			}
+			jobs[k].extents = append(jobs[k].extents, part)
+			e.Addr += part.NrPages * pageSize
+			e.Offset += int64(part.NrPages) * pageSize
+			e.NrPages -= part.NrPages
+			i++
+		}
+	}
+	return jobs, zeros, nil
 }
