@@ -34,9 +34,26 @@ var refusedFlags = map[string]string{
 	"ui": "a mapping registered with userfaultfd (minor mode)",
 }
 
+// Layout returns the mappings of a running process as image VMAs: the
+// layout a migration target's shadow process takes for a round. Mappings
+// registered with userfaultfd are accepted (the tracker registers them);
+// everything else that Dump refuses is refused here too.
+func Layout(pid int) ([]*imagepb.VMA, error) {
+	maps, err := proc.ReadSmaps(pid)
+	if err != nil {
+		return nil, err
+	}
+	return convertVMAs(maps, true)
+}
+
 // vmas converts the process's mappings to image VMAs, refusing what cannot
 // be restored.
-func vmas(maps []proc.Mapping) ([]*imagepb.VMA, error) {
+func vmas(maps []proc.Mapping) ([]*imagepb.VMA, error) { return convertVMAs(maps, false) }
+
+// uffdFlags are the VmFlags of mappings registered with userfaultfd.
+var uffdFlags = map[string]bool{"um": true, "uw": true, "ui": true}
+
+func convertVMAs(maps []proc.Mapping, tracked bool) ([]*imagepb.VMA, error) {
 	out := make([]*imagepb.VMA, 0, len(maps))
 	for i := range maps {
 		m := &maps[i]
@@ -56,7 +73,7 @@ func vmas(maps []proc.Mapping) ([]*imagepb.VMA, error) {
 			v.Flags |= sys.MAP_PRIVATE
 		}
 		for _, f := range m.Flags {
-			if what, bad := refusedFlags[f]; bad && !m.IsSpecial() {
+			if what, bad := refusedFlags[f]; bad && !m.IsSpecial() && !(tracked && uffdFlags[f]) {
 				return nil, unsupported("mapping %#x-%#x (%s) is %s", m.Start, m.End, describePath(m), what)
 			}
 		}

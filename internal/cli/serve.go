@@ -2,18 +2,13 @@ package cli
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
-	"sync"
 
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/phaul/phaul/bench/workload"
 	"github.com/phaul/phaul/internal/feature"
@@ -22,6 +17,7 @@ import (
 	"github.com/phaul/phaul/pagestream"
 	"github.com/phaul/phaul/protocol"
 	"github.com/phaul/phaul/protocol/migrationpb"
+	"github.com/phaul/phaul/target"
 	"github.com/phaul/phaul/transport"
 )
 
@@ -152,141 +148,25 @@ type server struct {
 }
 
 // session serves one connection: the Control and Pages services on gRPC
-// over its streams, with the migrations started on it. They end with it.
+// over its streams, with the migrations started on it. Migrations not yet
+// committed end with it.
 func (s *server) session(ctx context.Context, sess *transport.Session) {
-	ss := &serveSession{
-		srv:        s,
-		log:        s.log.With("peer", sess.Peer().String()),
-		migrations: map[string]*pageserver.Store{},
-	}
-	defer ss.discardAll()
+	log := s.log.With("peer", sess.Peer().String())
+	ctl := target.NewSession(target.Config{Local: s.local, Budget: s.budget, SpillDir: s.spillDir}, log)
+	defer ctl.Close()
 	pages, err := pageserver.NewService(pageserver.ServiceConfig{
-		Lookup: ss.store,
+		Lookup: ctl.Store,
 		Codecs: s.local.Codecs,
-		Logger: ss.log,
+		Logger: log,
 	})
 	if err != nil {
-		ss.log.Error("page service", "err", err)
+		log.Error("page service", "err", err)
 		return
 	}
 	g := grpc.NewServer(append(transport.GRPCServerOptions(), pageserver.GRPCServerOptions()...)...)
-	migrationpb.RegisterControlServer(g, ss)
+	migrationpb.RegisterControlServer(g, ctl)
 	migrationpb.RegisterPagesServer(g, pages)
 	if err := sess.ServeGRPC(ctx, g); err != nil && !errors.Is(err, context.Canceled) {
-		ss.log.Warn("session ended", "err", err)
-	}
-}
-
-// serveSession is the Control service of one connection. For now it
-// answers Hello, starts and aborts migrations (each a page store) and
-// reports rounds; the rest of the migration comes with the engine.
-type serveSession struct {
-	migrationpb.UnimplementedControlServer
-	srv *server
-	log *slog.Logger
-
-	mu         sync.Mutex
-	hello      bool // a Hello was accepted
-	migrations map[string]*pageserver.Store
-}
-
-// Hello implements migrationpb.ControlServer.
-func (ss *serveSession) Hello(_ context.Context, req *migrationpb.HelloRequest) (*migrationpb.HelloResponse, error) {
-	resp := protocol.NegotiateHello(req, ss.srv.local)
-	if !resp.GetAccepted() {
-		ss.log.Warn("hello refused", "reason", resp.GetReason(), "source_version", req.GetPhaulVersion(),
-			"source_kernel", req.GetHost().GetKernelRelease())
-		return resp, nil
-	}
-	ss.mu.Lock()
-	ss.hello = true
-	ss.mu.Unlock()
-	ss.log.Info("hello", "source_version", req.GetPhaulVersion(), "source_host", req.GetHost().GetHostname(),
-		"protocol", resp.GetProtocolVersion(), "codec", pagestream.CodecName(resp.GetCodec()), "warnings", resp.GetWarnings())
-	return resp, nil
-}
-
-// StartMigration implements migrationpb.ControlServer.
-func (ss *serveSession) StartMigration(_ context.Context, req *migrationpb.StartMigrationRequest) (*migrationpb.StartMigrationResponse, error) {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	if !ss.hello {
-		return nil, status.Error(codes.FailedPrecondition, "start migration: no accepted Hello on this connection")
-	}
-	if req.GetPid() <= 0 {
-		return nil, status.Errorf(codes.InvalidArgument, "start migration: pid %d", req.GetPid())
-	}
-	store, err := pageserver.NewStore(pageserver.Config{
-		PageSize: int(ss.srv.local.Host.GetPageSize()),
-		Budget:   ss.srv.budget,
-		SpillDir: ss.srv.spillDir,
-	})
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "start migration: %v", err)
-	}
-	var b [8]byte
-	rand.Read(b[:])
-	id := fmt.Sprintf("%d-%s", req.GetPid(), hex.EncodeToString(b[:]))
-	ss.migrations[id] = store
-	ss.log.Info("migration started", "migration", id, "pid", req.GetPid(), "processes", len(req.GetPids()),
-		"codec", pagestream.CodecName(req.GetOptions().GetCodec()))
-	return &migrationpb.StartMigrationResponse{MigrationId: id}, nil
-}
-
-// RoundDone implements migrationpb.ControlServer: it reports what the
-// store holds.
-func (ss *serveSession) RoundDone(_ context.Context, req *migrationpb.RoundDoneRequest) (*migrationpb.RoundDoneResponse, error) {
-	store, err := ss.store(req.GetMigrationId())
-	if err != nil {
-		return nil, status.Errorf(codes.NotFound, "round done: %v", err)
-	}
-	st := store.Stats()
-	r := req.GetStats()
-	ss.log.Info("round", "migration", req.GetMigrationId(), "round", r.GetRound(), "pages", r.GetPagesData(),
-		"zero", r.GetPagesZero(), "wire_bytes", r.GetBytesWire(), "stored", st.PagesData, "memory", st.MemoryBytes, "spilled", st.SpillBytes)
-	return &migrationpb.RoundDoneResponse{PagesStored: st.PagesData}, nil
-}
-
-// Abort implements migrationpb.ControlServer: the migration's pages are
-// dropped. Aborting an unknown migration succeeds (Abort is idempotent).
-func (ss *serveSession) Abort(_ context.Context, req *migrationpb.AbortRequest) (*migrationpb.AbortResponse, error) {
-	ss.mu.Lock()
-	store := ss.migrations[req.GetMigrationId()]
-	delete(ss.migrations, req.GetMigrationId())
-	ss.mu.Unlock()
-	if store != nil {
-		ss.discard(req.GetMigrationId(), store, "aborted: "+req.GetReason())
-	}
-	return &migrationpb.AbortResponse{}, nil
-}
-
-// store is the page service's lookup.
-func (ss *serveSession) store(id string) (*pageserver.Store, error) {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	s := ss.migrations[id]
-	if s == nil {
-		return nil, fmt.Errorf("%w %q", pageserver.ErrUnknownMigration, id)
-	}
-	return s, nil
-}
-
-// discard drops a migration's pages.
-func (ss *serveSession) discard(id string, store *pageserver.Store, why string) {
-	st := store.Stats()
-	if err := store.Close(); err != nil {
-		ss.log.Warn("discard migration", "migration", id, "err", err)
-	}
-	ss.log.Info("migration discarded", "migration", id, "why", why, "pages", st.PagesData, "batches", st.Batches)
-}
-
-// discardAll drops the migrations left when the connection ends.
-func (ss *serveSession) discardAll() {
-	ss.mu.Lock()
-	ms := ss.migrations
-	ss.migrations = map[string]*pageserver.Store{}
-	ss.mu.Unlock()
-	for id, store := range ms {
-		ss.discard(id, store, "connection ended")
+		log.Warn("session ended", "err", err)
 	}
 }

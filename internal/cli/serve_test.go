@@ -5,8 +5,10 @@ import (
 	"context"
 	"encoding/json"
 	"net"
+	"os"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -15,9 +17,12 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
+	"github.com/phaul/phaul/engine"
 	"github.com/phaul/phaul/pagestream"
 	"github.com/phaul/phaul/protocol"
+	"github.com/phaul/phaul/protocol/imagepb"
 	"github.com/phaul/phaul/protocol/migrationpb"
 	"github.com/phaul/phaul/transport"
 )
@@ -132,6 +137,29 @@ func (c *client) migrate(t *testing.T, pid int32) string {
 		t.Fatal(err)
 	}
 	id := start.MigrationId
+	// The round's layout: the kernel's vDSO mappings (as this process has
+	// them) and one anonymous mapping for the pages.
+	self, err := engine.Layout(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	layout := &imagepb.Process{Pid: pid}
+	for _, v := range self {
+		switch v.Kind {
+		case imagepb.VMAKind_VMA_VVAR, imagepb.VMAKind_VMA_VVAR_VCLOCK, imagepb.VMAKind_VMA_VDSO:
+			layout.Vmas = append(layout.Vmas, v)
+		}
+	}
+	layout.Vmas = append([]*imagepb.VMA{{Start: 0x7f0000000000, End: 0x7f0000400000, Prot: 3, Flags: 2,
+		Kind: imagepb.VMAKind_VMA_ANON_PRIVATE}}, layout.Vmas...)
+	blob, err := proto.Marshal(layout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.control.BeginRound(ctx, &migrationpb.BeginRoundRequest{MigrationId: id,
+		Layouts: []*migrationpb.ProcessBlob{{Pid: pid, Image: blob}}}); err != nil {
+		t.Fatalf("begin round: %v", err)
+	}
 	s, err := pagestream.Open(ctx, c.pages, id, pagestream.SenderConfig{Codec: resp.Codec})
 	if err != nil {
 		t.Fatal(err)
@@ -189,7 +217,8 @@ func TestServeMigrations(t *testing.T) {
 	ids := make([]string, 2)
 	clients := []*client{c, dialServe(t, addr)}
 	for i, c := range clients {
-		wg.Go(func() { ids[i] = c.migrate(t, int32(100+i)) })
+		pid := freePid(t)
+		wg.Go(func() { ids[i] = c.migrate(t, pid) })
 	}
 	wg.Wait()
 	if t.Failed() {
@@ -200,9 +229,12 @@ func TestServeMigrations(t *testing.T) {
 	if _, err := pagestream.Open(ctx, clients[1].pages, ids[0], pagestream.SenderConfig{}); status.Code(unwrapStatus(err)) != codes.NotFound {
 		t.Errorf("page stream for another connection's migration: %v", err)
 	}
-	// What the engine brings later is refused clearly.
-	if _, err := c.control.Freeze(ctx, &migrationpb.FreezeRequest{MigrationId: ids[0]}); status.Code(err) != codes.Unimplemented {
-		t.Errorf("freeze: %v", err)
+	// Steps out of order are refused clearly.
+	if _, err := c.control.Restore(ctx, &migrationpb.RestoreRequest{MigrationId: ids[0]}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("restore before freeze: %v", err)
+	}
+	if _, err := c.control.Commit(ctx, &migrationpb.CommitRequest{MigrationId: ids[0]}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("commit before restore: %v", err)
 	}
 	if _, err := c.control.Abort(ctx, &migrationpb.AbortRequest{MigrationId: ids[0], Reason: "test"}); err != nil {
 		t.Fatal(err)
@@ -253,9 +285,9 @@ func waitFor(t *testing.T, cond func() bool) {
 // TestServeOneAfterAnother: sequential connections leave nothing behind.
 func TestServeOneAfterAnother(t *testing.T) {
 	addr, _ := startServe(t, serveOptions{pageMemoryBytes: 64 << 20})
-	for i := range 5 {
+	for range 5 {
 		c := dialServe(t, addr)
-		c.migrate(t, int32(200+i))
+		c.migrate(t, freePid(t))
 		c.cc.Close()
 		c.sess.Close()
 	}
@@ -323,4 +355,22 @@ func TestServeFlags(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "--tls-ca") || !strings.Contains(out, "--json-log") {
 		t.Errorf("help: %d %q", code, out)
 	}
+}
+
+// freePid returns a PID no process has (shadows take it on the target).
+var lastFree int32 = 25000
+
+func freePid(t *testing.T) int32 {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("building shadow processes needs root")
+	}
+	for p := lastFree + 1; p < 32000; p++ {
+		if _, err := os.Stat("/proc/" + strconv.Itoa(int(p))); err != nil {
+			lastFree = p
+			return p
+		}
+	}
+	t.Fatal("no free PID")
+	return 0
 }

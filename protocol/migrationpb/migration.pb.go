@@ -9,6 +9,9 @@
 //
 //   Hello                 versions, host facts; the target accepts or refuses
 //   StartMigration        the target creates a page store, returns its id
+//   BeginRound            the layout of each process for the coming round:
+//                         the target builds (or reshapes) a stopped shadow
+//                         process the round's pages are written into
 //   Pages.Stream          round 0: every present page; round N: dirty pages
 //                         (and the pages gone since round N-1)
 //   RoundDone             after each round's pages are acknowledged
@@ -753,6 +756,112 @@ func (x *RoundStats) GetBandwidth() uint64 {
 	return 0
 }
 
+type BeginRoundRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	MigrationId string                 `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	Round       uint32                 `protobuf:"varint,2,opt,name=round,proto3" json:"round,omitempty"`
+	// phaul.image.v1.Process holding pid and vmas, per process.
+	Layouts []*ProcessBlob `protobuf:"bytes,3,rep,name=layouts,proto3" json:"layouts,omitempty"`
+	// The source's xsave features (the shadow refuses a CPU lacking some).
+	XsaveFeatures uint64 `protobuf:"varint,4,opt,name=xsave_features,json=xsaveFeatures,proto3" json:"xsave_features,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BeginRoundRequest) Reset() {
+	*x = BeginRoundRequest{}
+	mi := &file_migration_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BeginRoundRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BeginRoundRequest) ProtoMessage() {}
+
+func (x *BeginRoundRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_migration_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BeginRoundRequest.ProtoReflect.Descriptor instead.
+func (*BeginRoundRequest) Descriptor() ([]byte, []int) {
+	return file_migration_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *BeginRoundRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+func (x *BeginRoundRequest) GetRound() uint32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *BeginRoundRequest) GetLayouts() []*ProcessBlob {
+	if x != nil {
+		return x.Layouts
+	}
+	return nil
+}
+
+func (x *BeginRoundRequest) GetXsaveFeatures() uint64 {
+	if x != nil {
+		return x.XsaveFeatures
+	}
+	return 0
+}
+
+type BeginRoundResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BeginRoundResponse) Reset() {
+	*x = BeginRoundResponse{}
+	mi := &file_migration_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BeginRoundResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BeginRoundResponse) ProtoMessage() {}
+
+func (x *BeginRoundResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_migration_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BeginRoundResponse.ProtoReflect.Descriptor instead.
+func (*BeginRoundResponse) Descriptor() ([]byte, []int) {
+	return file_migration_proto_rawDescGZIP(), []int{8}
+}
+
 type RoundDoneRequest struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	MigrationId string                 `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
@@ -766,7 +875,7 @@ type RoundDoneRequest struct {
 
 func (x *RoundDoneRequest) Reset() {
 	*x = RoundDoneRequest{}
-	mi := &file_migration_proto_msgTypes[7]
+	mi := &file_migration_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -778,7 +887,7 @@ func (x *RoundDoneRequest) String() string {
 func (*RoundDoneRequest) ProtoMessage() {}
 
 func (x *RoundDoneRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[7]
+	mi := &file_migration_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -791,7 +900,7 @@ func (x *RoundDoneRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoundDoneRequest.ProtoReflect.Descriptor instead.
 func (*RoundDoneRequest) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{7}
+	return file_migration_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RoundDoneRequest) GetMigrationId() string {
@@ -827,7 +936,7 @@ type RoundDoneResponse struct {
 
 func (x *RoundDoneResponse) Reset() {
 	*x = RoundDoneResponse{}
-	mi := &file_migration_proto_msgTypes[8]
+	mi := &file_migration_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -839,7 +948,7 @@ func (x *RoundDoneResponse) String() string {
 func (*RoundDoneResponse) ProtoMessage() {}
 
 func (x *RoundDoneResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[8]
+	mi := &file_migration_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -852,7 +961,7 @@ func (x *RoundDoneResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoundDoneResponse.ProtoReflect.Descriptor instead.
 func (*RoundDoneResponse) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{8}
+	return file_migration_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RoundDoneResponse) GetPagesStored() uint64 {
@@ -881,7 +990,7 @@ type ProcessBlob struct {
 
 func (x *ProcessBlob) Reset() {
 	*x = ProcessBlob{}
-	mi := &file_migration_proto_msgTypes[9]
+	mi := &file_migration_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -893,7 +1002,7 @@ func (x *ProcessBlob) String() string {
 func (*ProcessBlob) ProtoMessage() {}
 
 func (x *ProcessBlob) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[9]
+	mi := &file_migration_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -906,7 +1015,7 @@ func (x *ProcessBlob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessBlob.ProtoReflect.Descriptor instead.
 func (*ProcessBlob) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{9}
+	return file_migration_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ProcessBlob) GetPid() int32 {
@@ -940,7 +1049,7 @@ type FinalState struct {
 
 func (x *FinalState) Reset() {
 	*x = FinalState{}
-	mi := &file_migration_proto_msgTypes[10]
+	mi := &file_migration_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1061,7 @@ func (x *FinalState) String() string {
 func (*FinalState) ProtoMessage() {}
 
 func (x *FinalState) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[10]
+	mi := &file_migration_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1074,7 @@ func (x *FinalState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinalState.ProtoReflect.Descriptor instead.
 func (*FinalState) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{10}
+	return file_migration_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *FinalState) GetInventory() []byte {
@@ -1006,7 +1115,7 @@ type FreezeRequest struct {
 
 func (x *FreezeRequest) Reset() {
 	*x = FreezeRequest{}
-	mi := &file_migration_proto_msgTypes[11]
+	mi := &file_migration_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1018,7 +1127,7 @@ func (x *FreezeRequest) String() string {
 func (*FreezeRequest) ProtoMessage() {}
 
 func (x *FreezeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[11]
+	mi := &file_migration_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1031,7 +1140,7 @@ func (x *FreezeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FreezeRequest.ProtoReflect.Descriptor instead.
 func (*FreezeRequest) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{11}
+	return file_migration_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *FreezeRequest) GetMigrationId() string {
@@ -1056,7 +1165,7 @@ type FreezeResponse struct {
 
 func (x *FreezeResponse) Reset() {
 	*x = FreezeResponse{}
-	mi := &file_migration_proto_msgTypes[12]
+	mi := &file_migration_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1068,7 +1177,7 @@ func (x *FreezeResponse) String() string {
 func (*FreezeResponse) ProtoMessage() {}
 
 func (x *FreezeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[12]
+	mi := &file_migration_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1081,7 +1190,7 @@ func (x *FreezeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FreezeResponse.ProtoReflect.Descriptor instead.
 func (*FreezeResponse) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{12}
+	return file_migration_proto_rawDescGZIP(), []int{14}
 }
 
 type RestoreRequest struct {
@@ -1093,7 +1202,7 @@ type RestoreRequest struct {
 
 func (x *RestoreRequest) Reset() {
 	*x = RestoreRequest{}
-	mi := &file_migration_proto_msgTypes[13]
+	mi := &file_migration_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1105,7 +1214,7 @@ func (x *RestoreRequest) String() string {
 func (*RestoreRequest) ProtoMessage() {}
 
 func (x *RestoreRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[13]
+	mi := &file_migration_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1118,7 +1227,7 @@ func (x *RestoreRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreRequest.ProtoReflect.Descriptor instead.
 func (*RestoreRequest) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{13}
+	return file_migration_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *RestoreRequest) GetMigrationId() string {
@@ -1142,7 +1251,7 @@ type RestoreResponse struct {
 
 func (x *RestoreResponse) Reset() {
 	*x = RestoreResponse{}
-	mi := &file_migration_proto_msgTypes[14]
+	mi := &file_migration_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1154,7 +1263,7 @@ func (x *RestoreResponse) String() string {
 func (*RestoreResponse) ProtoMessage() {}
 
 func (x *RestoreResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[14]
+	mi := &file_migration_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1167,7 +1276,7 @@ func (x *RestoreResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreResponse.ProtoReflect.Descriptor instead.
 func (*RestoreResponse) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{14}
+	return file_migration_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RestoreResponse) GetPids() []int32 {
@@ -1193,7 +1302,7 @@ type CommitRequest struct {
 
 func (x *CommitRequest) Reset() {
 	*x = CommitRequest{}
-	mi := &file_migration_proto_msgTypes[15]
+	mi := &file_migration_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1205,7 +1314,7 @@ func (x *CommitRequest) String() string {
 func (*CommitRequest) ProtoMessage() {}
 
 func (x *CommitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[15]
+	mi := &file_migration_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1218,7 +1327,7 @@ func (x *CommitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
 func (*CommitRequest) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{15}
+	return file_migration_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CommitRequest) GetMigrationId() string {
@@ -1238,7 +1347,7 @@ type CommitResponse struct {
 
 func (x *CommitResponse) Reset() {
 	*x = CommitResponse{}
-	mi := &file_migration_proto_msgTypes[16]
+	mi := &file_migration_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1250,7 +1359,7 @@ func (x *CommitResponse) String() string {
 func (*CommitResponse) ProtoMessage() {}
 
 func (x *CommitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[16]
+	mi := &file_migration_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1263,7 +1372,7 @@ func (x *CommitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
 func (*CommitResponse) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{16}
+	return file_migration_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CommitResponse) GetResumed() bool {
@@ -1282,7 +1391,7 @@ type ConfirmRequest struct {
 
 func (x *ConfirmRequest) Reset() {
 	*x = ConfirmRequest{}
-	mi := &file_migration_proto_msgTypes[17]
+	mi := &file_migration_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1294,7 +1403,7 @@ func (x *ConfirmRequest) String() string {
 func (*ConfirmRequest) ProtoMessage() {}
 
 func (x *ConfirmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[17]
+	mi := &file_migration_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1307,7 +1416,7 @@ func (x *ConfirmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfirmRequest.ProtoReflect.Descriptor instead.
 func (*ConfirmRequest) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{17}
+	return file_migration_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ConfirmRequest) GetMigrationId() string {
@@ -1325,7 +1434,7 @@ type ConfirmResponse struct {
 
 func (x *ConfirmResponse) Reset() {
 	*x = ConfirmResponse{}
-	mi := &file_migration_proto_msgTypes[18]
+	mi := &file_migration_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1337,7 +1446,7 @@ func (x *ConfirmResponse) String() string {
 func (*ConfirmResponse) ProtoMessage() {}
 
 func (x *ConfirmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[18]
+	mi := &file_migration_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1350,7 +1459,7 @@ func (x *ConfirmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfirmResponse.ProtoReflect.Descriptor instead.
 func (*ConfirmResponse) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{18}
+	return file_migration_proto_rawDescGZIP(), []int{20}
 }
 
 type AbortRequest struct {
@@ -1363,7 +1472,7 @@ type AbortRequest struct {
 
 func (x *AbortRequest) Reset() {
 	*x = AbortRequest{}
-	mi := &file_migration_proto_msgTypes[19]
+	mi := &file_migration_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1375,7 +1484,7 @@ func (x *AbortRequest) String() string {
 func (*AbortRequest) ProtoMessage() {}
 
 func (x *AbortRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[19]
+	mi := &file_migration_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1388,7 +1497,7 @@ func (x *AbortRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortRequest.ProtoReflect.Descriptor instead.
 func (*AbortRequest) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{19}
+	return file_migration_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AbortRequest) GetMigrationId() string {
@@ -1413,7 +1522,7 @@ type AbortResponse struct {
 
 func (x *AbortResponse) Reset() {
 	*x = AbortResponse{}
-	mi := &file_migration_proto_msgTypes[20]
+	mi := &file_migration_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1425,7 +1534,7 @@ func (x *AbortResponse) String() string {
 func (*AbortResponse) ProtoMessage() {}
 
 func (x *AbortResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[20]
+	mi := &file_migration_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1438,7 +1547,7 @@ func (x *AbortResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortResponse.ProtoReflect.Descriptor instead.
 func (*AbortResponse) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{20}
+	return file_migration_proto_rawDescGZIP(), []int{22}
 }
 
 // PageRun is nr_pages pages starting at addr (page aligned).
@@ -1453,7 +1562,7 @@ type PageRun struct {
 
 func (x *PageRun) Reset() {
 	*x = PageRun{}
-	mi := &file_migration_proto_msgTypes[21]
+	mi := &file_migration_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1465,7 +1574,7 @@ func (x *PageRun) String() string {
 func (*PageRun) ProtoMessage() {}
 
 func (x *PageRun) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[21]
+	mi := &file_migration_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1478,7 +1587,7 @@ func (x *PageRun) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PageRun.ProtoReflect.Descriptor instead.
 func (*PageRun) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{21}
+	return file_migration_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PageRun) GetAddr() uint64 {
@@ -1525,7 +1634,7 @@ type PageBatch struct {
 
 func (x *PageBatch) Reset() {
 	*x = PageBatch{}
-	mi := &file_migration_proto_msgTypes[22]
+	mi := &file_migration_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1537,7 +1646,7 @@ func (x *PageBatch) String() string {
 func (*PageBatch) ProtoMessage() {}
 
 func (x *PageBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[22]
+	mi := &file_migration_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1550,7 +1659,7 @@ func (x *PageBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PageBatch.ProtoReflect.Descriptor instead.
 func (*PageBatch) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{22}
+	return file_migration_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PageBatch) GetSeq() uint64 {
@@ -1621,7 +1730,7 @@ type PageStreamOpen struct {
 
 func (x *PageStreamOpen) Reset() {
 	*x = PageStreamOpen{}
-	mi := &file_migration_proto_msgTypes[23]
+	mi := &file_migration_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1633,7 +1742,7 @@ func (x *PageStreamOpen) String() string {
 func (*PageStreamOpen) ProtoMessage() {}
 
 func (x *PageStreamOpen) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[23]
+	mi := &file_migration_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1646,7 +1755,7 @@ func (x *PageStreamOpen) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PageStreamOpen.ProtoReflect.Descriptor instead.
 func (*PageStreamOpen) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{23}
+	return file_migration_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *PageStreamOpen) GetMigrationId() string {
@@ -1676,7 +1785,7 @@ type PageStreamRequest struct {
 
 func (x *PageStreamRequest) Reset() {
 	*x = PageStreamRequest{}
-	mi := &file_migration_proto_msgTypes[24]
+	mi := &file_migration_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1688,7 +1797,7 @@ func (x *PageStreamRequest) String() string {
 func (*PageStreamRequest) ProtoMessage() {}
 
 func (x *PageStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[24]
+	mi := &file_migration_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1701,7 +1810,7 @@ func (x *PageStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PageStreamRequest.ProtoReflect.Descriptor instead.
 func (*PageStreamRequest) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{24}
+	return file_migration_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PageStreamRequest) GetMsg() isPageStreamRequest_Msg {
@@ -1764,7 +1873,7 @@ type PageAck struct {
 
 func (x *PageAck) Reset() {
 	*x = PageAck{}
-	mi := &file_migration_proto_msgTypes[25]
+	mi := &file_migration_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1776,7 +1885,7 @@ func (x *PageAck) String() string {
 func (*PageAck) ProtoMessage() {}
 
 func (x *PageAck) ProtoReflect() protoreflect.Message {
-	mi := &file_migration_proto_msgTypes[25]
+	mi := &file_migration_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1789,7 +1898,7 @@ func (x *PageAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PageAck.ProtoReflect.Descriptor instead.
 func (*PageAck) Descriptor() ([]byte, []int) {
-	return file_migration_proto_rawDescGZIP(), []int{25}
+	return file_migration_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *PageAck) GetSeq() uint64 {
@@ -1906,7 +2015,13 @@ const file_migration_proto_rawDesc = "" +
 	"durationNs\x12\x1f\n" +
 	"\vpages_dirty\x18\a \x01(\x04R\n" +
 	"pagesDirty\x12\x1c\n" +
-	"\tbandwidth\x18\b \x01(\x04R\tbandwidth\"\xa6\x01\n" +
+	"\tbandwidth\x18\b \x01(\x04R\tbandwidth\"\xae\x01\n" +
+	"\x11BeginRoundRequest\x12!\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x14\n" +
+	"\x05round\x18\x02 \x01(\rR\x05round\x129\n" +
+	"\alayouts\x18\x03 \x03(\v2\x1f.phaul.migration.v1.ProcessBlobR\alayouts\x12%\n" +
+	"\x0exsave_features\x18\x04 \x01(\x04R\rxsaveFeatures\"\x14\n" +
+	"\x12BeginRoundResponse\"\xa6\x01\n" +
 	"\x10RoundDoneRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x124\n" +
 	"\x05stats\x18\x02 \x01(\v2\x1e.phaul.migration.v1.RoundStatsR\x05stats\x129\n" +
@@ -1990,10 +2105,12 @@ const file_migration_proto_rawDesc = "" +
 	"\x15PAGE_KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePAGE_KIND_DATA\x10\x01\x12\x12\n" +
 	"\x0ePAGE_KIND_ZERO\x10\x02\x12\x12\n" +
-	"\x0ePAGE_KIND_GONE\x10\x032\xb2\x05\n" +
+	"\x0ePAGE_KIND_GONE\x10\x032\x8f\x06\n" +
 	"\aControl\x12L\n" +
 	"\x05Hello\x12 .phaul.migration.v1.HelloRequest\x1a!.phaul.migration.v1.HelloResponse\x12g\n" +
-	"\x0eStartMigration\x12).phaul.migration.v1.StartMigrationRequest\x1a*.phaul.migration.v1.StartMigrationResponse\x12X\n" +
+	"\x0eStartMigration\x12).phaul.migration.v1.StartMigrationRequest\x1a*.phaul.migration.v1.StartMigrationResponse\x12[\n" +
+	"\n" +
+	"BeginRound\x12%.phaul.migration.v1.BeginRoundRequest\x1a&.phaul.migration.v1.BeginRoundResponse\x12X\n" +
 	"\tRoundDone\x12$.phaul.migration.v1.RoundDoneRequest\x1a%.phaul.migration.v1.RoundDoneResponse\x12O\n" +
 	"\x06Freeze\x12!.phaul.migration.v1.FreezeRequest\x1a\".phaul.migration.v1.FreezeResponse\x12R\n" +
 	"\aRestore\x12\".phaul.migration.v1.RestoreRequest\x1a#.phaul.migration.v1.RestoreResponse\x12O\n" +
@@ -2016,7 +2133,7 @@ func file_migration_proto_rawDescGZIP() []byte {
 }
 
 var file_migration_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_migration_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_migration_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_migration_proto_goTypes = []any{
 	(Codec)(0),                     // 0: phaul.migration.v1.Codec
 	(PageKind)(0),                  // 1: phaul.migration.v1.PageKind
@@ -2027,25 +2144,27 @@ var file_migration_proto_goTypes = []any{
 	(*StartMigrationRequest)(nil),  // 6: phaul.migration.v1.StartMigrationRequest
 	(*StartMigrationResponse)(nil), // 7: phaul.migration.v1.StartMigrationResponse
 	(*RoundStats)(nil),             // 8: phaul.migration.v1.RoundStats
-	(*RoundDoneRequest)(nil),       // 9: phaul.migration.v1.RoundDoneRequest
-	(*RoundDoneResponse)(nil),      // 10: phaul.migration.v1.RoundDoneResponse
-	(*ProcessBlob)(nil),            // 11: phaul.migration.v1.ProcessBlob
-	(*FinalState)(nil),             // 12: phaul.migration.v1.FinalState
-	(*FreezeRequest)(nil),          // 13: phaul.migration.v1.FreezeRequest
-	(*FreezeResponse)(nil),         // 14: phaul.migration.v1.FreezeResponse
-	(*RestoreRequest)(nil),         // 15: phaul.migration.v1.RestoreRequest
-	(*RestoreResponse)(nil),        // 16: phaul.migration.v1.RestoreResponse
-	(*CommitRequest)(nil),          // 17: phaul.migration.v1.CommitRequest
-	(*CommitResponse)(nil),         // 18: phaul.migration.v1.CommitResponse
-	(*ConfirmRequest)(nil),         // 19: phaul.migration.v1.ConfirmRequest
-	(*ConfirmResponse)(nil),        // 20: phaul.migration.v1.ConfirmResponse
-	(*AbortRequest)(nil),           // 21: phaul.migration.v1.AbortRequest
-	(*AbortResponse)(nil),          // 22: phaul.migration.v1.AbortResponse
-	(*PageRun)(nil),                // 23: phaul.migration.v1.PageRun
-	(*PageBatch)(nil),              // 24: phaul.migration.v1.PageBatch
-	(*PageStreamOpen)(nil),         // 25: phaul.migration.v1.PageStreamOpen
-	(*PageStreamRequest)(nil),      // 26: phaul.migration.v1.PageStreamRequest
-	(*PageAck)(nil),                // 27: phaul.migration.v1.PageAck
+	(*BeginRoundRequest)(nil),      // 9: phaul.migration.v1.BeginRoundRequest
+	(*BeginRoundResponse)(nil),     // 10: phaul.migration.v1.BeginRoundResponse
+	(*RoundDoneRequest)(nil),       // 11: phaul.migration.v1.RoundDoneRequest
+	(*RoundDoneResponse)(nil),      // 12: phaul.migration.v1.RoundDoneResponse
+	(*ProcessBlob)(nil),            // 13: phaul.migration.v1.ProcessBlob
+	(*FinalState)(nil),             // 14: phaul.migration.v1.FinalState
+	(*FreezeRequest)(nil),          // 15: phaul.migration.v1.FreezeRequest
+	(*FreezeResponse)(nil),         // 16: phaul.migration.v1.FreezeResponse
+	(*RestoreRequest)(nil),         // 17: phaul.migration.v1.RestoreRequest
+	(*RestoreResponse)(nil),        // 18: phaul.migration.v1.RestoreResponse
+	(*CommitRequest)(nil),          // 19: phaul.migration.v1.CommitRequest
+	(*CommitResponse)(nil),         // 20: phaul.migration.v1.CommitResponse
+	(*ConfirmRequest)(nil),         // 21: phaul.migration.v1.ConfirmRequest
+	(*ConfirmResponse)(nil),        // 22: phaul.migration.v1.ConfirmResponse
+	(*AbortRequest)(nil),           // 23: phaul.migration.v1.AbortRequest
+	(*AbortResponse)(nil),          // 24: phaul.migration.v1.AbortResponse
+	(*PageRun)(nil),                // 25: phaul.migration.v1.PageRun
+	(*PageBatch)(nil),              // 26: phaul.migration.v1.PageBatch
+	(*PageStreamOpen)(nil),         // 27: phaul.migration.v1.PageStreamOpen
+	(*PageStreamRequest)(nil),      // 28: phaul.migration.v1.PageStreamRequest
+	(*PageAck)(nil),                // 29: phaul.migration.v1.PageAck
 }
 var file_migration_proto_depIdxs = []int32{
 	2,  // 0: phaul.migration.v1.HelloRequest.host:type_name -> phaul.migration.v1.HostInfo
@@ -2054,40 +2173,43 @@ var file_migration_proto_depIdxs = []int32{
 	0,  // 3: phaul.migration.v1.HelloResponse.codec:type_name -> phaul.migration.v1.Codec
 	0,  // 4: phaul.migration.v1.MigrationOptions.codec:type_name -> phaul.migration.v1.Codec
 	5,  // 5: phaul.migration.v1.StartMigrationRequest.options:type_name -> phaul.migration.v1.MigrationOptions
-	8,  // 6: phaul.migration.v1.RoundDoneRequest.stats:type_name -> phaul.migration.v1.RoundStats
-	11, // 7: phaul.migration.v1.RoundDoneRequest.layouts:type_name -> phaul.migration.v1.ProcessBlob
-	11, // 8: phaul.migration.v1.FinalState.processes:type_name -> phaul.migration.v1.ProcessBlob
-	8,  // 9: phaul.migration.v1.FinalState.last_round:type_name -> phaul.migration.v1.RoundStats
-	12, // 10: phaul.migration.v1.FreezeRequest.state:type_name -> phaul.migration.v1.FinalState
-	1,  // 11: phaul.migration.v1.PageRun.kind:type_name -> phaul.migration.v1.PageKind
-	23, // 12: phaul.migration.v1.PageBatch.runs:type_name -> phaul.migration.v1.PageRun
-	0,  // 13: phaul.migration.v1.PageBatch.codec:type_name -> phaul.migration.v1.Codec
-	0,  // 14: phaul.migration.v1.PageStreamOpen.codec:type_name -> phaul.migration.v1.Codec
-	25, // 15: phaul.migration.v1.PageStreamRequest.open:type_name -> phaul.migration.v1.PageStreamOpen
-	24, // 16: phaul.migration.v1.PageStreamRequest.batch:type_name -> phaul.migration.v1.PageBatch
-	3,  // 17: phaul.migration.v1.Control.Hello:input_type -> phaul.migration.v1.HelloRequest
-	6,  // 18: phaul.migration.v1.Control.StartMigration:input_type -> phaul.migration.v1.StartMigrationRequest
-	9,  // 19: phaul.migration.v1.Control.RoundDone:input_type -> phaul.migration.v1.RoundDoneRequest
-	13, // 20: phaul.migration.v1.Control.Freeze:input_type -> phaul.migration.v1.FreezeRequest
-	15, // 21: phaul.migration.v1.Control.Restore:input_type -> phaul.migration.v1.RestoreRequest
-	17, // 22: phaul.migration.v1.Control.Commit:input_type -> phaul.migration.v1.CommitRequest
-	19, // 23: phaul.migration.v1.Control.Confirm:input_type -> phaul.migration.v1.ConfirmRequest
-	21, // 24: phaul.migration.v1.Control.Abort:input_type -> phaul.migration.v1.AbortRequest
-	26, // 25: phaul.migration.v1.Pages.Stream:input_type -> phaul.migration.v1.PageStreamRequest
-	4,  // 26: phaul.migration.v1.Control.Hello:output_type -> phaul.migration.v1.HelloResponse
-	7,  // 27: phaul.migration.v1.Control.StartMigration:output_type -> phaul.migration.v1.StartMigrationResponse
-	10, // 28: phaul.migration.v1.Control.RoundDone:output_type -> phaul.migration.v1.RoundDoneResponse
-	14, // 29: phaul.migration.v1.Control.Freeze:output_type -> phaul.migration.v1.FreezeResponse
-	16, // 30: phaul.migration.v1.Control.Restore:output_type -> phaul.migration.v1.RestoreResponse
-	18, // 31: phaul.migration.v1.Control.Commit:output_type -> phaul.migration.v1.CommitResponse
-	20, // 32: phaul.migration.v1.Control.Confirm:output_type -> phaul.migration.v1.ConfirmResponse
-	22, // 33: phaul.migration.v1.Control.Abort:output_type -> phaul.migration.v1.AbortResponse
-	27, // 34: phaul.migration.v1.Pages.Stream:output_type -> phaul.migration.v1.PageAck
-	26, // [26:35] is the sub-list for method output_type
-	17, // [17:26] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	13, // 6: phaul.migration.v1.BeginRoundRequest.layouts:type_name -> phaul.migration.v1.ProcessBlob
+	8,  // 7: phaul.migration.v1.RoundDoneRequest.stats:type_name -> phaul.migration.v1.RoundStats
+	13, // 8: phaul.migration.v1.RoundDoneRequest.layouts:type_name -> phaul.migration.v1.ProcessBlob
+	13, // 9: phaul.migration.v1.FinalState.processes:type_name -> phaul.migration.v1.ProcessBlob
+	8,  // 10: phaul.migration.v1.FinalState.last_round:type_name -> phaul.migration.v1.RoundStats
+	14, // 11: phaul.migration.v1.FreezeRequest.state:type_name -> phaul.migration.v1.FinalState
+	1,  // 12: phaul.migration.v1.PageRun.kind:type_name -> phaul.migration.v1.PageKind
+	25, // 13: phaul.migration.v1.PageBatch.runs:type_name -> phaul.migration.v1.PageRun
+	0,  // 14: phaul.migration.v1.PageBatch.codec:type_name -> phaul.migration.v1.Codec
+	0,  // 15: phaul.migration.v1.PageStreamOpen.codec:type_name -> phaul.migration.v1.Codec
+	27, // 16: phaul.migration.v1.PageStreamRequest.open:type_name -> phaul.migration.v1.PageStreamOpen
+	26, // 17: phaul.migration.v1.PageStreamRequest.batch:type_name -> phaul.migration.v1.PageBatch
+	3,  // 18: phaul.migration.v1.Control.Hello:input_type -> phaul.migration.v1.HelloRequest
+	6,  // 19: phaul.migration.v1.Control.StartMigration:input_type -> phaul.migration.v1.StartMigrationRequest
+	9,  // 20: phaul.migration.v1.Control.BeginRound:input_type -> phaul.migration.v1.BeginRoundRequest
+	11, // 21: phaul.migration.v1.Control.RoundDone:input_type -> phaul.migration.v1.RoundDoneRequest
+	15, // 22: phaul.migration.v1.Control.Freeze:input_type -> phaul.migration.v1.FreezeRequest
+	17, // 23: phaul.migration.v1.Control.Restore:input_type -> phaul.migration.v1.RestoreRequest
+	19, // 24: phaul.migration.v1.Control.Commit:input_type -> phaul.migration.v1.CommitRequest
+	21, // 25: phaul.migration.v1.Control.Confirm:input_type -> phaul.migration.v1.ConfirmRequest
+	23, // 26: phaul.migration.v1.Control.Abort:input_type -> phaul.migration.v1.AbortRequest
+	28, // 27: phaul.migration.v1.Pages.Stream:input_type -> phaul.migration.v1.PageStreamRequest
+	4,  // 28: phaul.migration.v1.Control.Hello:output_type -> phaul.migration.v1.HelloResponse
+	7,  // 29: phaul.migration.v1.Control.StartMigration:output_type -> phaul.migration.v1.StartMigrationResponse
+	10, // 30: phaul.migration.v1.Control.BeginRound:output_type -> phaul.migration.v1.BeginRoundResponse
+	12, // 31: phaul.migration.v1.Control.RoundDone:output_type -> phaul.migration.v1.RoundDoneResponse
+	16, // 32: phaul.migration.v1.Control.Freeze:output_type -> phaul.migration.v1.FreezeResponse
+	18, // 33: phaul.migration.v1.Control.Restore:output_type -> phaul.migration.v1.RestoreResponse
+	20, // 34: phaul.migration.v1.Control.Commit:output_type -> phaul.migration.v1.CommitResponse
+	22, // 35: phaul.migration.v1.Control.Confirm:output_type -> phaul.migration.v1.ConfirmResponse
+	24, // 36: phaul.migration.v1.Control.Abort:output_type -> phaul.migration.v1.AbortResponse
+	29, // 37: phaul.migration.v1.Pages.Stream:output_type -> phaul.migration.v1.PageAck
+	28, // [28:38] is the sub-list for method output_type
+	18, // [18:28] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_migration_proto_init() }
@@ -2095,7 +2217,7 @@ func file_migration_proto_init() {
 	if File_migration_proto != nil {
 		return
 	}
-	file_migration_proto_msgTypes[24].OneofWrappers = []any{
+	file_migration_proto_msgTypes[26].OneofWrappers = []any{
 		(*PageStreamRequest_Open)(nil),
 		(*PageStreamRequest_Batch)(nil),
 	}
@@ -2105,7 +2227,7 @@ func file_migration_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_migration_proto_rawDesc), len(file_migration_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   26,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

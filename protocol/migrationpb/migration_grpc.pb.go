@@ -9,6 +9,9 @@
 //
 //   Hello                 versions, host facts; the target accepts or refuses
 //   StartMigration        the target creates a page store, returns its id
+//   BeginRound            the layout of each process for the coming round:
+//                         the target builds (or reshapes) a stopped shadow
+//                         process the round's pages are written into
 //   Pages.Stream          round 0: every present page; round N: dirty pages
 //                         (and the pages gone since round N-1)
 //   RoundDone             after each round's pages are acknowledged
@@ -46,6 +49,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	Control_Hello_FullMethodName          = "/phaul.migration.v1.Control/Hello"
 	Control_StartMigration_FullMethodName = "/phaul.migration.v1.Control/StartMigration"
+	Control_BeginRound_FullMethodName     = "/phaul.migration.v1.Control/BeginRound"
 	Control_RoundDone_FullMethodName      = "/phaul.migration.v1.Control/RoundDone"
 	Control_Freeze_FullMethodName         = "/phaul.migration.v1.Control/Freeze"
 	Control_Restore_FullMethodName        = "/phaul.migration.v1.Control/Restore"
@@ -67,6 +71,12 @@ type ControlClient interface {
 	// StartMigration announces a migration of a process tree and returns the id
 	// that page streams and later calls name.
 	StartMigration(ctx context.Context, in *StartMigrationRequest, opts ...grpc.CallOption) (*StartMigrationResponse, error)
+	// BeginRound announces a round and the memory layout of each process
+	// for it, before the round's pages. The target creates the shadow
+	// process of each (same PID, stopped) or brings it to the new layout,
+	// so that pages are written into it as they arrive. The final round,
+	// run with the source frozen, is announced the same way.
+	BeginRound(ctx context.Context, in *BeginRoundRequest, opts ...grpc.CallOption) (*BeginRoundResponse, error)
 	// RoundDone closes a pre-copy round: every page of the round was
 	// acknowledged on the page stream.
 	RoundDone(ctx context.Context, in *RoundDoneRequest, opts ...grpc.CallOption) (*RoundDoneResponse, error)
@@ -108,6 +118,16 @@ func (c *controlClient) StartMigration(ctx context.Context, in *StartMigrationRe
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(StartMigrationResponse)
 	err := c.cc.Invoke(ctx, Control_StartMigration_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) BeginRound(ctx context.Context, in *BeginRoundRequest, opts ...grpc.CallOption) (*BeginRoundResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BeginRoundResponse)
+	err := c.cc.Invoke(ctx, Control_BeginRound_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -187,6 +207,12 @@ type ControlServer interface {
 	// StartMigration announces a migration of a process tree and returns the id
 	// that page streams and later calls name.
 	StartMigration(context.Context, *StartMigrationRequest) (*StartMigrationResponse, error)
+	// BeginRound announces a round and the memory layout of each process
+	// for it, before the round's pages. The target creates the shadow
+	// process of each (same PID, stopped) or brings it to the new layout,
+	// so that pages are written into it as they arrive. The final round,
+	// run with the source frozen, is announced the same way.
+	BeginRound(context.Context, *BeginRoundRequest) (*BeginRoundResponse, error)
 	// RoundDone closes a pre-copy round: every page of the round was
 	// acknowledged on the page stream.
 	RoundDone(context.Context, *RoundDoneRequest) (*RoundDoneResponse, error)
@@ -219,6 +245,9 @@ func (UnimplementedControlServer) Hello(context.Context, *HelloRequest) (*HelloR
 }
 func (UnimplementedControlServer) StartMigration(context.Context, *StartMigrationRequest) (*StartMigrationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method StartMigration not implemented")
+}
+func (UnimplementedControlServer) BeginRound(context.Context, *BeginRoundRequest) (*BeginRoundResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BeginRound not implemented")
 }
 func (UnimplementedControlServer) RoundDone(context.Context, *RoundDoneRequest) (*RoundDoneResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RoundDone not implemented")
@@ -291,6 +320,24 @@ func _Control_StartMigration_Handler(srv interface{}, ctx context.Context, dec f
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(ControlServer).StartMigration(ctx, req.(*StartMigrationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_BeginRound_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BeginRoundRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).BeginRound(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_BeginRound_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).BeginRound(ctx, req.(*BeginRoundRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -417,6 +464,10 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "StartMigration",
 			Handler:    _Control_StartMigration_Handler,
+		},
+		{
+			MethodName: "BeginRound",
+			Handler:    _Control_BeginRound_Handler,
 		},
 		{
 			MethodName: "RoundDone",

@@ -1,0 +1,403 @@
+package target
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/phaul/phaul/engine"
+	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/pageserver"
+	"github.com/phaul/phaul/pagestream"
+	"github.com/phaul/phaul/protocol"
+	"github.com/phaul/phaul/protocol/imagepb"
+	"github.com/phaul/phaul/protocol/migrationpb"
+)
+
+// Config is what every session of a daemon shares.
+type Config struct {
+	Local    protocol.Local
+	Budget   *pageserver.Budget
+	SpillDir string
+	Logger   *slog.Logger
+}
+
+// Session is the Control service of one connection.
+type Session struct {
+	migrationpb.UnimplementedControlServer
+	cfg Config
+	log *slog.Logger
+
+	mu         sync.Mutex
+	hello      bool
+	migrations map[string]*migration
+}
+
+// NewSession returns the Control service for one connection.
+func NewSession(cfg Config, log *slog.Logger) *Session {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Session{cfg: cfg, log: log, migrations: map[string]*migration{}}
+}
+
+// phase is where a migration stands on the target.
+type phase int
+
+const (
+	started   phase = iota
+	frozen          // the final state arrived
+	ready           // restored, stopped, waiting for Commit
+	committed       // the process runs here
+)
+
+// migration is one migration's state on the target.
+type migration struct {
+	id    string
+	log   *slog.Logger
+	store *pageserver.Store
+
+	mu      sync.Mutex
+	phase   phase
+	xsave   uint64
+	shadows map[int32]*engine.Shadow
+	final   map[int32]engine.State
+	frozeAt time.Time
+}
+
+// Hello implements migrationpb.ControlServer.
+func (s *Session) Hello(_ context.Context, req *migrationpb.HelloRequest) (*migrationpb.HelloResponse, error) {
+	resp := protocol.NegotiateHello(req, s.cfg.Local)
+	if !resp.GetAccepted() {
+		s.log.Warn("hello refused", "reason", resp.GetReason(), "source_version", req.GetPhaulVersion(),
+			"source_kernel", req.GetHost().GetKernelRelease())
+		return resp, nil
+	}
+	s.mu.Lock()
+	s.hello = true
+	s.mu.Unlock()
+	s.log.Info("hello", "source_version", req.GetPhaulVersion(), "source_host", req.GetHost().GetHostname(),
+		"protocol", resp.GetProtocolVersion(), "codec", pagestream.CodecName(resp.GetCodec()), "warnings", resp.GetWarnings())
+	return resp, nil
+}
+
+// StartMigration implements migrationpb.ControlServer.
+func (s *Session) StartMigration(_ context.Context, req *migrationpb.StartMigrationRequest) (*migrationpb.StartMigrationResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.hello {
+		return nil, status.Error(codes.FailedPrecondition, "start migration: no accepted Hello on this connection")
+	}
+	if req.GetPid() <= 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "start migration: pid %d", req.GetPid())
+	}
+	if n := len(req.GetPids()); n > 1 {
+		return nil, status.Errorf(codes.Unimplemented, "start migration: a tree of %d processes (only single processes move yet)", n)
+	}
+	store, err := pageserver.NewStore(pageserver.Config{
+		PageSize: int(s.cfg.Local.Host.GetPageSize()),
+		Budget:   s.cfg.Budget,
+		SpillDir: s.cfg.SpillDir,
+	})
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "start migration: %v", err)
+	}
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	id := fmt.Sprintf("%d-%s", req.GetPid(), hex.EncodeToString(b[:]))
+	m := &migration{id: id, store: store, log: s.log.With("migration", id),
+		shadows: map[int32]*engine.Shadow{}, final: map[int32]engine.State{}}
+	store.SetBatchHook(m.apply)
+	s.migrations[id] = m
+	m.log.Info("migration started", "pid", req.GetPid(), "codec", pagestream.CodecName(req.GetOptions().GetCodec()))
+	return &migrationpb.StartMigrationResponse{MigrationId: id}, nil
+}
+
+// apply writes a verified batch into the shadow of its process.
+func (m *migration) apply(b *pagestream.Batch) error {
+	m.mu.Lock()
+	sh := m.shadows[b.Pid]
+	m.mu.Unlock()
+	if sh == nil {
+		return fmt.Errorf("pages of process %d before its layout (BeginRound)", b.Pid)
+	}
+	return b.Each(func(r pagestream.Run, data []byte) error {
+		switch r.Kind {
+		case pagestream.Data:
+			return sh.WritePages(r.Addr, data)
+		case pagestream.Zero:
+			return sh.ZeroPages(r.Addr, r.Pages)
+		case pagestream.Gone:
+			return sh.DropPages(r.Addr, r.Pages)
+		}
+		return fmt.Errorf("page run of kind %v", r.Kind)
+	})
+}
+
+// lookup returns a migration of this connection.
+func (s *Session) lookup(id string) (*migration, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.migrations[id]
+	if m == nil {
+		return nil, status.Errorf(codes.NotFound, "unknown migration %q", id)
+	}
+	return m, nil
+}
+
+// Store is the page service's lookup.
+func (s *Session) Store(id string) (*pageserver.Store, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.migrations[id]
+	if m == nil {
+		return nil, fmt.Errorf("%w %q", pageserver.ErrUnknownMigration, id)
+	}
+	return m.store, nil
+}
+
+func decodeProcess(b []byte) (*imagepb.Process, error) {
+	p := &imagepb.Process{}
+	if err := proto.Unmarshal(b, p); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// BeginRound implements migrationpb.ControlServer: the shadow of each
+// process is created, or brought to the round's layout.
+func (s *Session) BeginRound(ctx context.Context, req *migrationpb.BeginRoundRequest) (*migrationpb.BeginRoundResponse, error) {
+	m, err := s.lookup(req.GetMigrationId())
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.phase != started {
+		return nil, status.Errorf(codes.FailedPrecondition, "begin round %d: the migration is past its rounds", req.GetRound())
+	}
+	m.xsave = req.GetXsaveFeatures()
+	for _, blob := range req.GetLayouts() {
+		p, err := decodeProcess(blob.GetImage())
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "begin round %d: layout of %d: %v", req.GetRound(), blob.GetPid(), err)
+		}
+		pid := blob.GetPid()
+		sh := m.shadows[pid]
+		if sh == nil {
+			sh, err = engine.NewShadow(ctx, engine.ShadowOptions{Pid: int(pid), Vmas: p.GetVmas(), XsaveFeatures: m.xsave,
+				Logger: m.log})
+			if err != nil {
+				code := codes.Internal
+				if errors.Is(err, engine.ErrPidTaken) {
+					code = codes.AlreadyExists
+				}
+				return nil, status.Errorf(code, "begin round %d: %v", req.GetRound(), err)
+			}
+			m.shadows[pid] = sh
+			m.log.Info("shadow created", "pid", pid, "vmas", len(p.GetVmas()))
+			continue
+		}
+		if err := sh.SetLayout(p.GetVmas()); err != nil {
+			return nil, status.Errorf(codes.Internal, "begin round %d: layout of %d: %v", req.GetRound(), pid, err)
+		}
+	}
+	return &migrationpb.BeginRoundResponse{}, nil
+}
+
+// RoundDone implements migrationpb.ControlServer: it reports what the
+// store holds.
+func (s *Session) RoundDone(_ context.Context, req *migrationpb.RoundDoneRequest) (*migrationpb.RoundDoneResponse, error) {
+	m, err := s.lookup(req.GetMigrationId())
+	if err != nil {
+		return nil, err
+	}
+	st := m.store.Stats()
+	r := req.GetStats()
+	m.log.Info("round", "round", r.GetRound(), "pages", r.GetPagesData(), "zero", r.GetPagesZero(),
+		"wire_bytes", r.GetBytesWire(), "stored", st.PagesData)
+	return &migrationpb.RoundDoneResponse{PagesStored: st.PagesData, PagesApplied: st.PagesData}, nil
+}
+
+// Freeze implements migrationpb.ControlServer: the final state arrives.
+func (s *Session) Freeze(_ context.Context, req *migrationpb.FreezeRequest) (*migrationpb.FreezeResponse, error) {
+	m, err := s.lookup(req.GetMigrationId())
+	if err != nil {
+		return nil, err
+	}
+	st := req.GetState()
+	inv := &imagepb.Inventory{}
+	if err := proto.Unmarshal(st.GetInventory(), inv); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "freeze: inventory: %v", err)
+	}
+	files := &imagepb.FileTable{}
+	if err := proto.Unmarshal(st.GetFileTable(), files); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "freeze: file table: %v", err)
+	}
+	entries := map[int32]*imagepb.ProcessEntry{}
+	for _, e := range inv.GetProcesses() {
+		entries[e.GetPid()] = e
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.phase != started {
+		return nil, status.Error(codes.FailedPrecondition, "freeze: already frozen")
+	}
+	for _, blob := range st.GetProcesses() {
+		p, err := decodeProcess(blob.GetImage())
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "freeze: process %d: %v", blob.GetPid(), err)
+		}
+		if m.shadows[blob.GetPid()] == nil {
+			return nil, status.Errorf(codes.FailedPrecondition, "freeze: process %d has no shadow", blob.GetPid())
+		}
+		m.final[blob.GetPid()] = engine.State{Process: p, Files: files, Entry: entries[blob.GetPid()], ShellJob: inv.GetShellJob()}
+	}
+	m.phase = frozen
+	m.frozeAt = time.Now()
+	return &migrationpb.FreezeResponse{}, nil
+}
+
+// Restore implements migrationpb.ControlServer: every shadow takes its
+// final state and waits, stopped, for Commit.
+func (s *Session) Restore(ctx context.Context, req *migrationpb.RestoreRequest) (*migrationpb.RestoreResponse, error) {
+	m, err := s.lookup(req.GetMigrationId())
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.phase != frozen {
+		return nil, status.Error(codes.FailedPrecondition, "restore: no final state")
+	}
+	resp := &migrationpb.RestoreResponse{}
+	for pid, st := range m.final {
+		if _, err := m.shadows[pid].Ready(ctx, st); err != nil {
+			delete(m.shadows, pid) // Ready discarded it
+			return nil, status.Errorf(codes.Internal, "restore %d: %v", pid, err)
+		}
+		resp.Pids = append(resp.Pids, pid)
+	}
+	m.phase = ready
+	resp.RestoreNs = uint64(time.Since(m.frozeAt))
+	m.log.Info("ready", "pids", resp.Pids, "since_freeze", time.Since(m.frozeAt))
+	return resp, nil
+}
+
+// Commit implements migrationpb.ControlServer: the restored processes run.
+// A repeated Commit answers like the first.
+func (s *Session) Commit(_ context.Context, req *migrationpb.CommitRequest) (*migrationpb.CommitResponse, error) {
+	m, err := s.lookup(req.GetMigrationId())
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch m.phase {
+	case committed:
+		return &migrationpb.CommitResponse{Resumed: true}, nil
+	case ready:
+	default:
+		return nil, status.Error(codes.FailedPrecondition, "commit: not ready")
+	}
+	for pid, sh := range m.shadows {
+		if err := sh.Resume(); err != nil {
+			return nil, status.Errorf(codes.Internal, "commit: resume %d: %v", pid, err)
+		}
+		go reap(m.log, int(pid))
+	}
+	m.phase = committed
+	m.log.Info("committed: the processes run here", "since_freeze", time.Since(m.frozeAt))
+	return &migrationpb.CommitResponse{Resumed: true}, nil
+}
+
+// reap waits for a migrated process (a child of this daemon) to exit, so
+// that it does not stay a zombie holding its PID. It waits for that PID
+// only: waiting for any child would steal the ptrace stops of shadows
+// other migrations are building.
+func reap(log *slog.Logger, pid int) {
+	_, ws, err := sys.Wait4(pid, 0)
+	if err != nil {
+		log.Warn("wait for migrated process", "pid", pid, "err", err)
+		return
+	}
+	log.Info("migrated process ended", "pid", pid, "status", ws)
+}
+
+// Confirm implements migrationpb.ControlServer: the source killed the
+// original; the target forgets the migration.
+func (s *Session) Confirm(_ context.Context, req *migrationpb.ConfirmRequest) (*migrationpb.ConfirmResponse, error) {
+	m, err := s.lookup(req.GetMigrationId())
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	ok := m.phase == committed
+	m.mu.Unlock()
+	if !ok {
+		return nil, status.Error(codes.FailedPrecondition, "confirm: not committed")
+	}
+	s.forget(m, "confirmed")
+	return &migrationpb.ConfirmResponse{}, nil
+}
+
+// Abort implements migrationpb.ControlServer: everything of the migration
+// is discarded (unless it was committed). Idempotent.
+func (s *Session) Abort(_ context.Context, req *migrationpb.AbortRequest) (*migrationpb.AbortResponse, error) {
+	s.mu.Lock()
+	m := s.migrations[req.GetMigrationId()]
+	s.mu.Unlock()
+	if m == nil {
+		return &migrationpb.AbortResponse{}, nil
+	}
+	m.mu.Lock()
+	done := m.phase == committed
+	m.mu.Unlock()
+	if done {
+		return nil, status.Error(codes.FailedPrecondition, "abort: already committed; the process runs here")
+	}
+	s.forget(m, "aborted: "+req.GetReason())
+	return &migrationpb.AbortResponse{}, nil
+}
+
+// forget drops a migration: shadows not committed are killed, pages freed.
+func (s *Session) forget(m *migration, why string) {
+	s.mu.Lock()
+	delete(s.migrations, m.id)
+	s.mu.Unlock()
+	m.mu.Lock()
+	if m.phase != committed {
+		for _, sh := range m.shadows {
+			sh.Discard()
+		}
+	}
+	m.shadows = nil
+	m.mu.Unlock()
+	st := m.store.Stats()
+	if err := m.store.Close(); err != nil {
+		m.log.Warn("close page store", "err", err)
+	}
+	m.log.Info("migration closed", "why", why, "pages", st.PagesData)
+}
+
+// Close discards the migrations of the connection; called when it ends.
+func (s *Session) Close() {
+	s.mu.Lock()
+	var ms []*migration
+	for _, m := range s.migrations {
+		ms = append(ms, m)
+	}
+	s.mu.Unlock()
+	for _, m := range ms {
+		s.forget(m, "connection ended")
+	}
+}
