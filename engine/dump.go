@@ -152,7 +152,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		CreatedUnixNano: time.Now().UnixNano(),
 		RootPid:         int32(opt.Pid),
 		Processes:       []*imagepb.ProcessEntry{fz.State.Entry},
-		XsaveFeatures:   xsaveFeatures(p),
+		XsaveFeatures:   fz.XsaveFeatures,
 		ShellJob:        opt.ShellJob,
 		Tracker:         backend,
 	}
@@ -196,25 +196,4 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	}
 	log.Info("dumped", "pages", res.PagesWritten, "frozen", res.Frozen, "took", res.Duration)
 	return res, nil
-}
-
-// xsaveFeatures returns the xfeatures mask the kernel records in the
-// software-reserved bytes of the FXSAVE area of a thread's xstate
-// (struct _fpx_sw_bytes at offset 464: magic1, extended_size, xfeatures).
-func xsaveFeatures(p *imagepb.Process) uint64 {
-	if len(p.Threads) == 0 {
-		return 0
-	}
-	return xfeatures(p.Threads[0].Xstate)
-}
-
-func xfeatures(x []byte) uint64 {
-	if len(x) < 480 {
-		return 0
-	}
-	var v uint64
-	for i := 7; i >= 0; i-- {
-		v = v<<8 | uint64(x[472+i])
-	}
-	return v
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/engine/ptrace"
+	"github.com/phaul/phaul/internal/hostinfo"
 	"github.com/phaul/phaul/protocol/imagepb"
 	"github.com/phaul/phaul/tracker"
 )
@@ -36,7 +37,8 @@ type FreezeOptions struct {
 type Frozen struct {
 	Pid   int
 	State State
-	// XsaveFeatures is the xfeatures mask of the process's threads.
+	// XsaveFeatures is this CPU's XCR0: the state components the process
+	// may use (it chose its code paths by CPUID).
 	XsaveFeatures uint64
 	// At is when every thread was stopped.
 	At time.Time
@@ -112,7 +114,7 @@ func Freeze(ctx context.Context, opt FreezeOptions) (*Frozen, error) {
 			Pgid: int32(c.stat.Pgrp), Sid: int32(c.stat.Session)},
 		ShellJob: opt.ShellJob,
 	}
-	fz.XsaveFeatures = xsaveFeatures(p)
+	fz.XsaveFeatures = hostinfo.XCR0()
 	return fz, nil
 }
 

@@ -14,6 +14,7 @@ import (
 	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/engine/ptrace"
 	"github.com/phaul/phaul/engine/stub"
+	"github.com/phaul/phaul/internal/hostinfo"
 	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/protocol/imagepb"
 )
@@ -231,15 +232,11 @@ func (r *restorer) fork() error {
 		return fmt.Errorf("seize restore stub: %w", err)
 	}
 	_ = f
-	// The CPU must offer every state component the image's threads use.
-	xs := make([]byte, maxXstate)
-	n, err := sys.PtraceGetRegSet(s.Pid, sys.NT_X86_XSTATE, xs)
-	if err != nil {
-		return fmt.Errorf("xstate of restore stub: %w", err)
-	}
-	have := xfeatures(xs[:n])
-	if want := r.xsave; want&^have != 0 {
-		return fmt.Errorf("%w: the image uses CPU state components %#x this CPU lacks (it has %#x)", ErrBadImage, want&^have, have)
+	// The CPU must offer every state component the process may use: the
+	// dumping CPU's XCR0 (a process picks its code paths by CPUID once).
+	if have, want := hostinfo.XCR0(), r.xsave; want&^have != 0 {
+		return fmt.Errorf("%w: the process may use CPU state components %#x this CPU lacks (XCR0 here %#x, there %#x)",
+			ErrBadImage, want&^have, have, want)
 	}
 	if err := sys.PtraceSetOptions(s.Pid, sys.PTRACE_O_TRACESYSGOOD|sys.PTRACE_O_TRACEFORK|sys.PTRACE_O_TRACECLONE); err != nil {
 		return fmt.Errorf("restore stub options: %w", err)

@@ -1,0 +1,85 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/phaul/phaul/source"
+	"github.com/phaul/phaul/transport"
+)
+
+func init() {
+	register(&command{
+		name:    "migrate",
+		summary: "move a running process to another host (phaul serve there), with a pause of milliseconds",
+		usage:   "--to HOST:PORT PID [--downtime 25ms] [--max-rounds N] [--compress s2|zstd|none] [--track ...] [--tls-* F | --insecure] [--json]",
+		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
+			to := fs.String("to", "", "address of the target's phaul serve, host:port (required)")
+			pol := source.DefaultPolicy()
+			downtime := fs.Duration("downtime", pol.Downtime, "downtime budget: freeze once what is still dirty can be sent within it at the measured bandwidth")
+			maxRounds := fs.Int("max-rounds", pol.MaxRounds, "most pre-copy rounds before freezing (or aborting, see --on-no-converge)")
+			onNoConverge := fs.String("on-no-converge", "stop", "when rounds stop shrinking or hit --max-rounds: stop (freeze anyway, longer pause) or abort (process stays here)")
+			compress := fs.String("compress", "s2", "page compression: s2, zstd or none")
+			track := fs.String("track", "auto", "dirty-page tracking: auto, uffdwp, softdirty or hash")
+			shell := fs.Bool("shell-job", false, "the process's terminal descriptors are re-bound on the target")
+			cert := fs.String("tls-cert", "", "client certificate (mutual TLS)")
+			key := fs.String("tls-key", "", "client key")
+			ca := fs.String("tls-ca", "", "CA that signed the target's certificate")
+			insecure := fs.Bool("insecure", false, "allow plain TCP to a non-loopback target (no authentication: for trusted networks only)")
+			asJSON := fs.Bool("json", false, "print the result as JSON")
+			verbose := fs.CountP("verbose", "v", "log progress to stderr (-vv for debug)")
+			return func(ctx context.Context, env *Env, args []string) error {
+				if len(args) != 1 {
+					return usageError("one PID expected")
+				}
+				pid, err := strconv.Atoi(args[0])
+				if err != nil || pid <= 0 {
+					return usageError("bad PID %q", args[0])
+				}
+				if *to == "" {
+					return usageError("--to HOST:PORT is required")
+				}
+				pol.Downtime, pol.MaxRounds = *downtime, *maxRounds
+				switch *onNoConverge {
+				case "stop":
+					pol.OnNoConverge = source.NoConvergeFreeze
+				case "abort":
+					pol.OnNoConverge = source.NoConvergeAbort
+				default:
+					return usageError("--on-no-converge takes stop or abort")
+				}
+				trackName := *track
+				if trackName == "auto" {
+					trackName = ""
+				}
+				res, err := source.Run(ctx, source.Config{
+					Pid: pid, Target: *to, Insecure: *insecure, Policy: pol, Codec: *compress, Track: trackName,
+					ShellJob: *shell, Logger: newLogger(env, *verbose), PhaulVersion: Version,
+					TLS: transport.TLSFiles{CertFile: *cert, KeyFile: *key, CAFile: *ca},
+					Progress: func(r source.RoundReport) {
+						if r.Final {
+							fmt.Fprintf(env.Stderr, "round %d (final, frozen): %d pages, %s on the wire\n", r.Round, r.Pages, humanBytes(r.Bytes))
+							return
+						}
+						fmt.Fprintf(env.Stderr, "round %d: %d pages (%d zero), %s on the wire in %.0f ms, %.0f MB/s, dirty %.0f pages/s, expected downtime %.1f ms: %s\n",
+							r.Round, r.Pages, r.PagesZero, humanBytes(r.Bytes), r.DurationMS, r.RateMBps, r.DirtyRate, r.ExpectedMS, r.Decision)
+					},
+				})
+				if err != nil {
+					return err
+				}
+				if *asJSON {
+					return printJSON(env.Stdout, res)
+				}
+				fmt.Fprintf(env.Stdout, "migrated %d to %s: downtime %.1f ms, total %s, %d rounds, %s on the wire (%d pages, %d zero)\n",
+					res.Pid, *to, res.DowntimeMS, time.Duration(res.TotalMS*float64(time.Millisecond)).Round(time.Millisecond),
+					res.Rounds, humanBytes(res.BytesSent), res.PagesSent, res.PagesZero)
+				return nil
+			}
+		},
+	})
+}

@@ -1,0 +1,369 @@
+package source
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"syscall"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/phaul/phaul/engine"
+	"github.com/phaul/phaul/internal/hostinfo"
+	"github.com/phaul/phaul/pagestream"
+	"github.com/phaul/phaul/predump"
+	"github.com/phaul/phaul/protocol"
+	"github.com/phaul/phaul/protocol/imagepb"
+	"github.com/phaul/phaul/protocol/migrationpb"
+	"github.com/phaul/phaul/tracker"
+	"github.com/phaul/phaul/transport"
+)
+
+// Config describes a migration.
+type Config struct {
+	Pid    int
+	Target string // host:port of phaul serve
+	TLS    transport.TLSFiles
+	// Insecure allows a plain TCP connection to a non-loopback target.
+	Insecure bool
+	Policy   Policy
+	// Codec is "s2" (default), "zstd" or "none".
+	Codec string
+	// Track is the tracker backend ("" for the best available).
+	Track    string
+	ShellJob bool
+	// Progress, when set, receives each round's figures as it ends.
+	Progress func(RoundReport)
+	Logger   *slog.Logger
+	// PhaulVersion is sent in the Hello.
+	PhaulVersion string
+}
+
+// RoundReport is one pre-copy round, as phaul migrate reports it.
+type RoundReport struct {
+	Round      int     `json:"round"`
+	Pages      uint64  `json:"pages_sent"`
+	PagesZero  uint64  `json:"pages_zero"`
+	Bytes      uint64  `json:"bytes_sent"`
+	DurationMS float64 `json:"duration_ms"`
+	RateMBps   float64 `json:"rate_mb_per_s"`
+	DirtyRate  float64 `json:"dirty_pages_per_sec"`
+	ExpectedMS float64 `json:"expected_downtime_ms"`
+	Decision   string  `json:"decision"`
+	Reason     string  `json:"reason"`
+	Final      bool    `json:"final,omitempty"`
+}
+
+// Result is what a migration did.
+type Result struct {
+	Pid        int           `json:"pid"`
+	DowntimeMS float64       `json:"downtime_ms"`
+	TotalMS    float64       `json:"total_ms"`
+	Rounds     int           `json:"rounds"`
+	BytesSent  uint64        `json:"bytes_sent"`
+	PagesSent  uint64        `json:"pages_sent"`
+	PagesZero  uint64        `json:"pages_zero"`
+	Tracker    string        `json:"tracker"`
+	PerRound   []RoundReport `json:"per_round"`
+	RestoreMS  float64       `json:"target_restore_ms"`
+	Downtime   time.Duration `json:"-"`
+}
+
+// ErrCommitUnknown reports that the commit request got no answer: the
+// target may or may not run the process. The original is left stopped,
+// never resumed and never killed, for the operator to decide.
+var ErrCommitUnknown = errors.New("commit outcome unknown")
+
+// Run migrates a running process to the target. On any failure before the
+// commit the target discards what it built and the process runs on here as
+// before; after a successful commit the original is killed.
+func Run(ctx context.Context, cfg Config) (*Result, error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("component", "migrate", "pid", cfg.Pid)
+	start := time.Now()
+	codec := pagestream.CodecS2
+	if cfg.Codec != "" {
+		c, err := pagestream.ParseCodec(cfg.Codec)
+		if err != nil {
+			return nil, err
+		}
+		codec = c
+	}
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", cfg.Pid)); err != nil {
+		return nil, fmt.Errorf("migrate %d: %w", cfg.Pid, engine.ErrNoProcess)
+	}
+	sess, err := transport.Dial(ctx, transport.ClientConfig{Address: cfg.Target,
+		Config: transport.Config{TLS: cfg.TLS, Insecure: cfg.Insecure, Logger: log}})
+	if err != nil {
+		return nil, fmt.Errorf("migrate %d: connect to %s: %w", cfg.Pid, cfg.Target, err)
+	}
+	defer sess.Close()
+	cc, err := sess.DialGRPC()
+	if err != nil {
+		return nil, err
+	}
+	defer cc.Close()
+	control := migrationpb.NewControlClient(cc)
+	host := hostinfo.Collect()
+	hello, err := control.Hello(ctx, protocol.NewHelloRequest(protocol.Local{
+		PhaulVersion: cfg.PhaulVersion, Host: host, Codecs: []pagestream.Codec{codec, pagestream.CodecNone},
+	}))
+	if err != nil {
+		return nil, fmt.Errorf("migrate %d: hello: %w", cfg.Pid, err)
+	}
+	if err := protocol.CheckHelloResponse(hello); err != nil {
+		return nil, fmt.Errorf("migrate %d: %w", cfg.Pid, err)
+	}
+	started, err := control.StartMigration(ctx, &migrationpb.StartMigrationRequest{Pid: int32(cfg.Pid),
+		Options: &migrationpb.MigrationOptions{Codec: hello.GetCodec(), DowntimeBudgetNs: uint64(cfg.Policy.Downtime),
+			MaxRounds: uint32(cfg.Policy.MaxRounds), ShellJob: cfg.ShellJob}})
+	if err != nil {
+		return nil, fmt.Errorf("migrate %d: start: %w", cfg.Pid, err)
+	}
+	m := &migration{cfg: cfg, log: log, id: started.GetMigrationId(), control: control, xsave: host.GetXsaveFeatures()}
+	res, err := m.run(ctx, migrationpb.NewPagesClient(cc), hello.GetCodec())
+	if err != nil {
+		if !errors.Is(err, ErrCommitUnknown) {
+			m.abort(err.Error())
+		}
+		return nil, fmt.Errorf("migrate %d: %w", cfg.Pid, err)
+	}
+	res.TotalMS = ms(time.Since(start))
+	return res, nil
+}
+
+// migration is the source's state of one migration.
+type migration struct {
+	cfg     Config
+	log     *slog.Logger
+	id      string
+	control migrationpb.ControlClient
+	xsave   uint64
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// abort tells the target to discard the migration (best effort: a target
+// that is gone has discarded it already).
+func (m *migration) abort(reason string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := m.control.Abort(ctx, &migrationpb.AbortRequest{MigrationId: m.id, Reason: reason}); err != nil {
+		m.log.Warn("abort on the target failed", "err", err)
+	}
+}
+
+// beginRound sends the process's current layout for round.
+func (m *migration) beginRound(ctx context.Context, round int) error {
+	vmas, err := engine.Layout(m.cfg.Pid)
+	if err != nil {
+		return fmt.Errorf("layout for round %d: %w", round, err)
+	}
+	blob, err := proto.Marshal(&imagepb.Process{Pid: int32(m.cfg.Pid), Vmas: vmas})
+	if err != nil {
+		return err
+	}
+	_, err = m.control.BeginRound(ctx, &migrationpb.BeginRoundRequest{MigrationId: m.id, Round: uint32(round),
+		Layouts: []*migrationpb.ProcessBlob{{Pid: int32(m.cfg.Pid), Image: blob}}, XsaveFeatures: m.xsave})
+	if err != nil {
+		return fmt.Errorf("round %d: target: %w", round, err)
+	}
+	return nil
+}
+
+func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, codec pagestream.Codec) (*Result, error) {
+	cfg := m.cfg
+	pid := int32(cfg.Pid)
+	t, err := tracker.Start(ctx, cfg.Pid, tracker.Options{Backend: cfg.Track, Logger: m.log})
+	if err != nil {
+		return nil, fmt.Errorf("start tracking: %w", err)
+	}
+	parked := false
+	defer func() {
+		if !parked {
+			if err := t.Stop(); err != nil {
+				m.log.Warn("stop tracking", "err", err)
+			}
+		}
+	}()
+	sender, err := pagestream.Open(ctx, pages, m.id, pagestream.SenderConfig{Codec: codec})
+	if err != nil {
+		return nil, err
+	}
+	defer sender.Close()
+	res := &Result{Pid: cfg.Pid, Tracker: t.Backend()}
+	var prev tracker.Ranges
+	var rounds []Round
+	round := 0
+	for ; ; round++ {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		if err := m.beginRound(ctx, round); err != nil {
+			return nil, err
+		}
+		before := sender.Stats()
+		t0 := time.Now()
+		r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev})
+		if err != nil {
+			return nil, fmt.Errorf("round %d: %w", round, err)
+		}
+		prev = r.Recorded
+		d := sender.Stats().Sub(before)
+		took := time.Since(t0)
+		if _, err := m.control.RoundDone(ctx, &migrationpb.RoundDoneRequest{MigrationId: m.id, Stats: &migrationpb.RoundStats{
+			Round: uint32(round), PagesData: d.PagesData, PagesZero: d.PagesZero, BytesRaw: d.RawBytes, BytesWire: d.WireBytes,
+			DurationNs: uint64(took), PagesDirty: r.PagesDirty, Bandwidth: uint64(d.RawRate())}}); err != nil {
+			return nil, fmt.Errorf("round %d: target: %w", round, err)
+		}
+		// What the next round will send is what was written while this one
+		// ran; a round that copied everything (round 0) tells nothing yet.
+		dirty := r.PagesDirty * 4096
+		if round == 0 {
+			dirty = uint64(r.DirtyRate * took.Seconds() * 4096)
+			if dirty == 0 {
+				dirty = r.PagesWritten * 4096
+			}
+		}
+		bw := d.RawRate()
+		if bw == 0 && len(rounds) > 0 {
+			bw = rounds[len(rounds)-1].Bandwidth
+		}
+		rounds = append(rounds, Round{DirtyBytes: dirty, Bandwidth: bw, Duration: took})
+		decision, reason := cfg.Policy.Decide(rounds)
+		if round == 0 && decision == Freeze && r.PagesWritten > 0 && cfg.Policy.MaxRounds != 1 {
+			decision, reason = Continue, "round 0 copied everything; one more round measures what changes"
+		}
+		rep := RoundReport{Round: round, Pages: d.PagesData, PagesZero: d.PagesZero, Bytes: d.WireBytes,
+			DurationMS: ms(took), RateMBps: bw / 1e6, DirtyRate: r.DirtyRate,
+			ExpectedMS: ms(cfg.Policy.ExpectedDowntime(rounds[len(rounds)-1])), Decision: decision.String(), Reason: reason}
+		res.PerRound = append(res.PerRound, rep)
+		if cfg.Progress != nil {
+			cfg.Progress(rep)
+		}
+		if decision == Abort {
+			return nil, fmt.Errorf("the rounds do not converge: %s", reason)
+		}
+		if decision == Freeze {
+			break
+		}
+	}
+
+	// The final round runs on the frozen process: the tracker is parked
+	// here and taken up again by the freeze.
+	dir, err := os.MkdirTemp("", "phaul-migrate-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	if err := t.Park(dir); err != nil {
+		return nil, fmt.Errorf("park tracking: %w", err)
+	}
+	parked = true
+	round++
+	var final *predump.Result
+	var finalStats pagestream.Stats
+	fz, err := engine.Freeze(ctx, engine.FreezeOptions{Pid: cfg.Pid, ShellJob: cfg.ShellJob, TrackerDir: dir, Logger: m.log,
+		LastRound: func(ctx context.Context, t tracker.Tracker) error {
+			if t == nil {
+				return errors.New("tracking state lost before the final round")
+			}
+			if err := m.beginRound(ctx, round); err != nil {
+				return err
+			}
+			before := sender.Stats()
+			r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev})
+			if err != nil {
+				return fmt.Errorf("final round: %w", err)
+			}
+			final, finalStats = r, sender.Stats().Sub(before)
+			return nil
+		}})
+	if err != nil {
+		// Freeze resumed the process. If it failed before taking up the
+		// parked tracking, remove that from the process here.
+		if t, terr := tracker.Resume(context.Background(), cfg.Pid, dir, tracker.Options{Logger: m.log}); terr == nil {
+			_ = t.Stop()
+		}
+		return nil, err
+	}
+	frozenAt := fz.At
+	done := false
+	defer func() {
+		if !done {
+			if err := fz.Resume(); err != nil {
+				m.log.Error("resume the original", "err", err)
+			}
+		}
+	}()
+	res.PerRound = append(res.PerRound, RoundReport{Round: round, Pages: finalStats.PagesData, PagesZero: finalStats.PagesZero,
+		Bytes: finalStats.WireBytes, DirtyRate: final.DirtyRate, Decision: "final", Final: true})
+	if cfg.Progress != nil {
+		cfg.Progress(res.PerRound[len(res.PerRound)-1])
+	}
+	st, err := finalState(fz)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := m.control.Freeze(ctx, &migrationpb.FreezeRequest{MigrationId: m.id, State: st}); err != nil {
+		return nil, fmt.Errorf("final state: target: %w", err)
+	}
+	rr, err := m.control.Restore(ctx, &migrationpb.RestoreRequest{MigrationId: m.id})
+	if err != nil {
+		return nil, fmt.Errorf("restore on the target: %w", err)
+	}
+	res.RestoreMS = float64(rr.GetRestoreNs()) / 1e6
+	// The commit window: from here an unanswered request leaves the
+	// outcome unknown, and the original must neither run nor die.
+	cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cr, err := m.control.Commit(cctx, &migrationpb.CommitRequest{MigrationId: m.id})
+	if err != nil || !cr.GetResumed() {
+		done = true
+		// Stop it for good (a group stop outlives phaul's ptrace hold).
+		_ = syscall.Kill(cfg.Pid, syscall.SIGSTOP)
+		if rerr := fz.Resume(); rerr != nil {
+			m.log.Error("release the original", "err", rerr)
+		}
+		return nil, fmt.Errorf("%w: %v; the original (PID %d) is left stopped with SIGSTOP: check whether it runs on %s, then kill it here or resume it with SIGCONT",
+			ErrCommitUnknown, err, cfg.Pid, cfg.Target)
+	}
+	res.Downtime = time.Since(frozenAt)
+	res.DowntimeMS = ms(res.Downtime)
+	done = true
+	if err := fz.Kill(); err != nil {
+		m.log.Error("kill the original after commit", "err", err)
+	}
+	if _, err := m.control.Confirm(cctx, &migrationpb.ConfirmRequest{MigrationId: m.id}); err != nil {
+		m.log.Warn("confirm", "err", err)
+	}
+	total := sender.Stats()
+	res.Rounds = len(res.PerRound)
+	res.BytesSent, res.PagesSent, res.PagesZero = total.WireBytes, total.PagesData, total.PagesZero
+	return res, nil
+}
+
+// finalState packs the frozen process's state for the target.
+func finalState(fz *engine.Frozen) (*migrationpb.FinalState, error) {
+	inv, err := proto.Marshal(&imagepb.Inventory{RootPid: int32(fz.Pid), Processes: []*imagepb.ProcessEntry{fz.State.Entry},
+		XsaveFeatures: fz.XsaveFeatures, ShellJob: fz.State.ShellJob, PageSize: 4096})
+	if err != nil {
+		return nil, err
+	}
+	p, err := proto.Marshal(fz.State.Process)
+	if err != nil {
+		return nil, err
+	}
+	files, err := proto.Marshal(fz.State.Files)
+	if err != nil {
+		return nil, err
+	}
+	return &migrationpb.FinalState{Inventory: inv, FileTable: files,
+		Processes: []*migrationpb.ProcessBlob{{Pid: int32(fz.Pid), Image: p}}}, nil
+}
