@@ -1,0 +1,256 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/phaul/phaul/internal/topology"
+)
+
+// The live-migration tests run on two host-like namespaces joined by a
+// bridge; the target's phaul serve is init of its own PID namespace, so the
+// migrated process keeps its PID there while the original still runs.
+
+// hosts builds the topology, or skips when it cannot be built here.
+func hosts(t *testing.T) *topology.Network {
+	t.Helper()
+	n, err := topology.New(context.Background(), "source", "target")
+	if errors.Is(err, topology.ErrNoIP) {
+		t.Skip(err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := n.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return n
+}
+
+// background starts cmd with its output in a log file and returns the
+// log's path; t.Cleanup stops it (SIGTERM, then SIGKILL) and reaps it.
+func background(t *testing.T, cmd *exec.Cmd, name string) string {
+	t.Helper()
+	log := filepath.Join(t.TempDir(), name+".log")
+	f, err := os.Create(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cmd.Stdout, cmd.Stderr = f, f
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-done
+		}
+	})
+	return log
+}
+
+// waitLog waits for a line of the log at path that starts with prefix and
+// comes after the first skip lines; it returns the line and its number.
+func waitLog(t *testing.T, path, prefix string, skip int) (string, int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		f, err := os.Open(path)
+		if err == nil {
+			sc := bufio.NewScanner(f)
+			n := 0
+			for sc.Scan() {
+				n++
+				if n > skip && strings.HasPrefix(sc.Text(), prefix) {
+					f.Close()
+					return sc.Text(), n
+				}
+			}
+			f.Close()
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	b, _ := os.ReadFile(path)
+	t.Fatalf("no %q line in %s:\n%s", prefix, path, lastLines(string(b), 30))
+	return "", 0
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// nestedPid finds the process that is pid inside a child PID namespace and
+// returns its PID here.
+func nestedPid(pid int) int {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		here, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		st, err := os.ReadFile("/proc/" + e.Name() + "/status")
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(st), "\n") {
+			if f := strings.Fields(strings.TrimPrefix(line, "NSpid:")); strings.HasPrefix(line, "NSpid:") && len(f) == 2 && f[1] == strconv.Itoa(pid) {
+				return here
+			}
+		}
+	}
+	return 0
+}
+
+type migrateResult struct {
+	Pid        int     `json:"pid"`
+	DowntimeMS float64 `json:"downtime_ms"`
+	TotalMS    float64 `json:"total_ms"`
+	Rounds     int     `json:"rounds"`
+	BytesSent  uint64  `json:"bytes_sent"`
+	PagesSent  uint64  `json:"pages_sent"`
+	PerRound   []struct {
+		Round int    `json:"round"`
+		Pages uint64 `json:"pages_sent"`
+	} `json:"per_round"`
+}
+
+// TestMigrateAcrossHosts moves the built-in workload (64 MiB, 1000 pages/s
+// rewritten) from the source host to the target host. The workload checks
+// all of its memory on the target and reports the same PID; its heartbeats
+// go on.
+func TestMigrateAcrossHosts(t *testing.T) {
+	phaul := needPhaul(t)
+	n := hosts(t)
+	src, tgt := n.Host("source"), n.Host("target")
+	ctx := context.Background()
+	serveLog := background(t, tgt.CommandNewPIDNS(ctx, phaul, "serve", "--listen", tgt.Addr+":7070", "--insecure", "-v"), "serve")
+	waitLog(t, serveLog, "time=", 0)
+	wl := exec.Command("ip", "netns", "exec", src.NS, phaul, "__workload", "--mem", "64M", "--dirty", "1000")
+	wlLog := background(t, wl, "workload")
+	waitLog(t, wlLog, "READY", 0)
+	pid := wl.Process.Pid
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	_, mark := waitLog(t, wlLog, "CHECK seq=1 OK", 0)
+
+	out, err := src.Command(ctx, phaul, "migrate", "--to", tgt.Addr+":7070", "--insecure", "--json", strconv.Itoa(pid)).Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			t.Fatalf("migrate: %v\n%s\nserve log:\n%s", err, ee.Stderr, readTail(serveLog))
+		}
+		t.Fatal(err)
+	}
+	var res migrateResult
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatalf("migrate --json: %v\n%s", err, out)
+	}
+	if res.Pid != pid || res.Rounds < 2 || res.DowntimeMS <= 0 || res.DowntimeMS > res.TotalMS || res.BytesSent == 0 ||
+		len(res.PerRound) != res.Rounds || res.PerRound[0].Pages < 16384 {
+		t.Errorf("migrate result: %+v", res)
+	}
+	t.Logf("downtime %.1f ms, total %.0f ms, %d rounds, %d bytes on the wire", res.DowntimeMS, res.TotalMS, res.Rounds, res.BytesSent)
+
+	// The original is gone here...
+	deadline := time.Now().Add(10 * time.Second)
+	for syscall.Kill(pid, 0) == nil && nestedPid(pid) != pid {
+		if time.Now().After(deadline) {
+			t.Fatal("the original still runs on the source")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// ...and runs on the target, with its PID, memory intact.
+	moved := nestedPid(pid)
+	if moved == 0 {
+		t.Fatalf("no process with PID %d in the target's namespace\nserve log:\n%s", pid, readTail(serveLog))
+	}
+	if err := syscall.Kill(moved, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	line, _ := waitLog(t, wlLog, "CHECK seq=2", mark)
+	if !strings.Contains(line, " OK ") || !strings.Contains(line, fmt.Sprintf("pid=%d", pid)) {
+		t.Fatalf("on the target the workload says: %s", line)
+	}
+	beat, _ := waitLog(t, wlLog, "BEAT", mark+1)
+	t.Logf("after the move: %s / %s", line, beat)
+	if err := syscall.Kill(moved, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, wlLog, "EXIT", mark)
+}
+
+// TestMigrateRollsBack migrates to a target that cannot build the process
+// (its serve shares the source's PID namespace, where the PID is taken):
+// the migration fails naming the cause, and the original runs on with its
+// memory intact and no trace of tracking.
+func TestMigrateRollsBack(t *testing.T) {
+	phaul := needPhaul(t)
+	n := hosts(t)
+	src, tgt := n.Host("source"), n.Host("target")
+	ctx := context.Background()
+	serveLog := background(t, tgt.Command(ctx, phaul, "serve", "--listen", tgt.Addr+":7070", "--insecure", "-v"), "serve")
+	waitLog(t, serveLog, "time=", 0)
+	wl := exec.Command("ip", "netns", "exec", src.NS, phaul, "__workload", "--mem", "16M", "--dirty", "1000")
+	wlLog := background(t, wl, "workload")
+	waitLog(t, wlLog, "READY", 0)
+	pid := wl.Process.Pid
+
+	cmd := src.Command(ctx, phaul, "migrate", "--to", tgt.Addr+":7070", "--insecure", strconv.Itoa(pid))
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		t.Fatalf("migrate into a PID namespace where PID %d is taken succeeded:\n%s", pid, out)
+	}
+	if !strings.Contains(string(out), "PID is in use") {
+		t.Errorf("the error does not name the cause:\n%s", out)
+	}
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		t.Fatalf("the original is gone after a failed migration: %v", err)
+	}
+	line, _ := waitLog(t, wlLog, "CHECK seq=1", 0)
+	if !strings.Contains(line, " OK ") {
+		t.Fatalf("after the rollback the workload says: %s", line)
+	}
+	st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if !strings.Contains(string(st), "TracerPid:\t0") {
+		t.Errorf("still traced after the rollback:\n%s", st)
+	}
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	for _, fd := range fds {
+		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); strings.Contains(l, "userfaultfd") {
+			t.Errorf("descriptor %s left behind: %s", fd.Name(), l)
+		}
+	}
+	if smaps, _ := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid)); strings.Contains(string(smaps), " uw") {
+		t.Error("mappings still registered for write-protect tracking after the rollback")
+	}
+}
+
+func readTail(path string) string {
+	b, _ := os.ReadFile(path)
+	return lastLines(string(b), 20)
+}
