@@ -103,28 +103,6 @@ func lastLines(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// nestedPid finds the process that is pid inside a child PID namespace and
-// returns its PID here.
-func nestedPid(pid int) int {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		here, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		st, err := os.ReadFile("/proc/" + e.Name() + "/status")
-		if err != nil {
-			continue
-		}
-		for _, line := range strings.Split(string(st), "\n") {
-			if f := strings.Fields(strings.TrimPrefix(line, "NSpid:")); strings.HasPrefix(line, "NSpid:") && len(f) == 2 && f[1] == strconv.Itoa(pid) {
-				return here
-			}
-		}
-	}
-	return 0
-}
-
 type migrateResult struct {
 	Pid        int     `json:"pid"`
 	DowntimeMS float64 `json:"downtime_ms"`
@@ -178,14 +156,14 @@ func TestMigrateAcrossHosts(t *testing.T) {
 
 	// The original is gone here...
 	deadline := time.Now().Add(10 * time.Second)
-	for syscall.Kill(pid, 0) == nil && nestedPid(pid) != pid {
+	for syscall.Kill(pid, 0) == nil && topology.NestedPid(pid) != pid {
 		if time.Now().After(deadline) {
 			t.Fatal("the original still runs on the source")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	// ...and runs on the target, with its PID, memory intact.
-	moved := nestedPid(pid)
+	moved := topology.NestedPid(pid)
 	if moved == 0 {
 		t.Fatalf("no process with PID %d in the target's namespace\nserve log:\n%s", pid, readTail(serveLog))
 	}
@@ -253,4 +231,22 @@ func TestMigrateRollsBack(t *testing.T) {
 func readTail(path string) string {
 	b, _ := os.ReadFile(path)
 	return lastLines(string(b), 20)
+}
+
+// TestDemo runs the README's main command, phaul demo, on a small workload:
+// it must migrate it between its two hosts and see it check OK there.
+func TestDemo(t *testing.T) {
+	phaul := needPhaul(t)
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("the ip tool (iproute2) is not installed")
+	}
+	out, err := exec.Command(phaul, "demo", "--mem", "32M").CombinedOutput()
+	if err != nil {
+		t.Fatalf("phaul demo: %v\n%s", err, out)
+	}
+	for _, want := range []string{"migrated: downtime", "self-check on the target: CHECK seq=2 OK", "the original on the source is gone: true", "done"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("phaul demo did not say %q:\n%s", want, out)
+		}
+	}
 }

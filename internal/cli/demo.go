@@ -3,6 +3,7 @@ package cli
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -15,19 +16,18 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/phaul/phaul/bench/workload"
-	"github.com/phaul/phaul/engine"
 	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/internal/topology"
 )
 
 func init() {
 	register(&command{
 		name:    "demo",
-		summary: "checkpoint and restore a built-in workload, and show that it carried on",
-		usage:   "[--mem SIZE] [--dirty PAGES/S] [--keep DIR]",
+		summary: "migrate a built-in workload between two local hosts (namespaces), and show that it carried on",
+		usage:   "[--mem SIZE] [--dirty PAGES/S]",
 		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
 			mem := fs.String("mem", "256M", "memory the workload fills")
 			dirty := fs.Int("dirty", 1000, "pages the workload rewrites per second")
-			keep := fs.String("keep", "", "keep the images in DIR instead of a temporary directory")
 			return func(ctx context.Context, env *Env, args []string) error {
 				if len(args) > 0 {
 					return usageError("unexpected argument %q", args[0])
@@ -35,18 +35,22 @@ func init() {
 				if _, err := workload.ParseSize(*mem); err != nil {
 					return usageError("%v", err)
 				}
-				return runDemo(ctx, env, *mem, *dirty, *keep)
+				return runDemo(ctx, env, *mem, *dirty)
 			}
 		},
 	})
 }
 
-func runDemo(ctx context.Context, env *Env, mem string, dirty int, keep string) error {
+func runDemo(ctx context.Context, env *Env, mem string, dirty int) error {
 	if os.Geteuid() != 0 {
-		return errors.New("the demo needs root (ptrace, clone3 with a chosen PID)")
+		return errors.New("the demo needs root (namespaces, ptrace, clone3 with a chosen PID)")
 	}
 	self, err := os.Executable()
 	if err != nil {
+		return err
+	}
+	// Children get only their stdio, never what phaul inherited.
+	if err := sys.CloseOnExecFrom(3); err != nil {
 		return err
 	}
 	work, err := os.MkdirTemp("", "phaul-demo-")
@@ -54,95 +58,131 @@ func runDemo(ctx context.Context, env *Env, mem string, dirty int, keep string) 
 		return err
 	}
 	defer os.RemoveAll(work)
-	dir := filepath.Join(work, "images")
-	if keep != "" {
-		dir = keep
-	}
-	logPath := filepath.Join(work, "workload.log")
-	logf, err := os.Create(logPath)
-	if err != nil {
-		return err
-	}
-	defer logf.Close()
 	say := func(format string, args ...any) { fmt.Fprintf(env.Stdout, "demo: "+format+"\n", args...) }
 
-	// 1. The workload: phaul itself, running the built-in workload. It gets
-	// no descriptor phaul inherited, only its stdio.
-	if err := sys.CloseOnExecFrom(3); err != nil {
+	// 1. Two hosts: network namespaces on one bridge.
+	net, err := topology.New(ctx, "source", "target")
+	if err != nil {
+		return fmt.Errorf("build the two hosts: %w", err)
+	}
+	defer net.Close()
+	src, tgt := net.Host("source"), net.Host("target")
+	say("hosts: source %s (namespace %s), target %s (namespace %s, its own PID namespace)", src.Addr, src.NS, tgt.Addr, tgt.NS)
+
+	var stop []func()
+	defer func() {
+		for i := len(stop) - 1; i >= 0; i-- {
+			stop[i]()
+		}
+	}()
+	start := func(cmd *exec.Cmd, log string) error {
+		f, err := os.Create(log)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		cmd.Stdout, cmd.Stderr = f, f
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		if err := cmd.Start(); err != nil {
+			return err
+		}
+		stop = append(stop, func() {
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+			done := make(chan struct{})
+			go func() { _ = cmd.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(5 * time.Second):
+				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+				<-done
+			}
+		})
+		return nil
+	}
+
+	// 2. The target daemon, and the workload on the source.
+	serveLog := filepath.Join(work, "serve.log")
+	if err := start(tgt.CommandNewPIDNS(ctx, self, "serve", "--listen", tgt.Addr+":7070", "--insecure", "-v"), serveLog); err != nil {
+		return fmt.Errorf("start phaul serve on the target: %w", err)
+	}
+	if _, err := waitLine(ctx, serveLog, "time=", 10*time.Second); err != nil {
 		return err
 	}
-	cmd := exec.Command(self, workloadCommand, "--mem", mem, "--dirty", fmt.Sprint(dirty), "--heartbeat", "10ms")
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start workload: %w", err)
+	logPath := filepath.Join(work, "workload.log")
+	wl := src.Command(ctx, self, workloadCommand, "--mem", mem, "--dirty", fmt.Sprint(dirty), "--heartbeat", "10ms")
+	if err := start(wl, logPath); err != nil {
+		return fmt.Errorf("start the workload: %w", err)
 	}
-	pid := cmd.Process.Pid
-	restored := 0
-	defer func() {
-		// Whatever happened, leave nothing running.
-		if restored != 0 {
-			_ = sys.Kill(restored, sys.SIGKILL)
-			_, _, _ = sys.Wait4(restored, 0)
-		}
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	}()
-	say("started the workload (PID %d, %s of memory, %d pages/s rewritten)", pid, mem, dirty)
-	if _, err := waitLine(ctx, logPath, "READY", 30*time.Second); err != nil {
+	pid := wl.Process.Pid
+	say("workload PID %d on the source: %s of memory, %d pages/s rewritten, a heartbeat every 10 ms", pid, mem, dirty)
+	if _, err := waitLine(ctx, logPath, "READY", 60*time.Second); err != nil {
 		return err
 	}
 	time.Sleep(500 * time.Millisecond)
 	_ = sys.Kill(pid, sys.SIGUSR1)
-	line, err := waitLine(ctx, logPath, "CHECK seq=1 ", 30*time.Second)
+	line, err := waitLine(ctx, logPath, "CHECK seq=1 ", 60*time.Second)
 	if err != nil {
 		return err
 	}
-	say("workload self-check before the dump: %s", line)
+	say("self-check on the source: %s", line)
 
-	// 2. Dump: freeze, write images, kill.
-	res, err := engine.Dump(ctx, engine.DumpOptions{Pid: pid, Dir: dir})
+	// 3. Migrate, with the rounds shown as they go.
+	say("phaul migrate --to %s:7070 %d", tgt.Addr, pid)
+	mig := src.Command(ctx, self, "migrate", "--to", tgt.Addr+":7070", "--insecure", "--json", fmt.Sprint(pid))
+	mig.Stderr = env.Stdout
+	out, err := mig.Output()
 	if err != nil {
-		return err
+		return fmt.Errorf("migration failed: %w (target log: %s)", err, serveLog)
 	}
-	_ = cmd.Wait() // reap the original so its PID is free again
-	say("dumped %d threads, %s of pages (%d zero pages elided) to %s; frozen %.1f ms",
-		res.Threads, humanBytes(res.BytesWritten), res.PagesZero, dir, res.FrozenMS)
-	say("the original process is gone: %v", !alive(pid))
-
-	// 3. Restore with the same PID.
-	rr, err := engine.Restore(ctx, engine.RestoreOptions{Dir: dir})
-	if err != nil {
-		return err
+	var res struct {
+		DowntimeMS float64 `json:"downtime_ms"`
+		TotalMS    float64 `json:"total_ms"`
+		Rounds     int     `json:"rounds"`
+		BytesSent  uint64  `json:"bytes_sent"`
+		PagesSent  uint64  `json:"pages_sent"`
 	}
-	restored = rr.Pid
-	say("restored PID %d (%d threads, %d pages) in %.1f ms", rr.Pid, rr.Threads, rr.PagesRestored, rr.DurationMS)
+	if err := json.Unmarshal(out, &res); err != nil {
+		return fmt.Errorf("migrate said %q: %w", out, err)
+	}
+	say("migrated: downtime %.1f ms, total %.0f ms, %d rounds, %s on the wire for %d pages",
+		res.DowntimeMS, res.TotalMS, res.Rounds, humanBytes(res.BytesSent), res.PagesSent)
 
-	// 4. The workload proves it carried on: a full memory check, and its
-	// heartbeats continue.
-	time.Sleep(300 * time.Millisecond)
-	_ = sys.Kill(restored, sys.SIGUSR1)
-	line, err = waitLine(ctx, logPath, "CHECK seq=2 ", 30*time.Second)
+	// 4. The workload proves it carried on, on the target.
+	moved := topology.NestedPid(pid)
+	if moved == 0 {
+		return fmt.Errorf("no process with PID %d on the target", pid)
+	}
+	say("on the target the workload is PID %d in its namespace (%d seen from here); the original on the source is gone: %v",
+		pid, moved, !alive(pid))
+	_ = sys.Kill(moved, sys.SIGUSR1)
+	line, err = waitLine(ctx, logPath, "CHECK seq=2 ", 60*time.Second)
 	if err != nil {
 		return err
 	}
 	if !strings.Contains(line, " OK ") {
-		return fmt.Errorf("workload self-check after restore failed: %s", line)
+		return fmt.Errorf("self-check on the target failed: %s", line)
 	}
-	say("workload self-check after the restore: %s", line)
+	say("self-check on the target: %s", line)
+	time.Sleep(200 * time.Millisecond)
 	beat, _ := lastLine(logPath, "BEAT ")
-	say("last heartbeat: %s (maxgap is the pause the workload itself saw)", beat)
-	_ = sys.Kill(restored, sys.SIGTERM)
-	_, ws, err := sys.Wait4(restored, 0)
-	if err == nil && ws.Exited() && ws.ExitStatus() == 0 {
-		say("the restored workload exited cleanly")
-		restored = 0
+	say("heartbeats go on: %s (maxgap is the pause the workload itself saw)", beat)
+	_ = sys.Kill(moved, sys.SIGTERM)
+	if _, err := waitLine(ctx, logPath, "EXIT", 10*time.Second); err == nil {
+		say("the workload exited cleanly on the target")
 	}
-	say("done")
+	say("cleaning up the hosts; done")
 	return nil
 }
 
-func alive(pid int) bool { return sys.Kill(pid, 0) == nil }
+// alive reports whether pid runs (a zombie waiting to be reaped does not).
+func alive(pid int) bool {
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := strings.LastIndexByte(string(st), ')')
+	return i > 0 && i+2 < len(st) && st[i+2] != 'Z'
+}
 
 // waitLine waits until the file at path has a line starting with prefix and
 // returns the newest such line.

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
 
 	"github.com/phaul/phaul/internal/sys"
@@ -232,4 +233,30 @@ func ip(ctx context.Context, args ...string) error {
 		return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}
 	return nil
+}
+
+// NestedPid returns the PID, in this namespace, of the process that is pid
+// in a child PID namespace (a process migrated to a host started with
+// CommandNewPIDNS), or 0 when there is none.
+func NestedPid(pid int) int {
+	want := strconv.Itoa(pid)
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		here, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		st, err := os.ReadFile("/proc/" + e.Name() + "/status")
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(st), "\n") {
+			if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
+				if f := strings.Fields(rest); len(f) == 2 && f[1] == want {
+					return here
+				}
+			}
+		}
+	}
+	return 0
 }
