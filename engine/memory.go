@@ -2,21 +2,18 @@ package engine
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/phaul/phaul/engine/image"
 	"github.com/phaul/phaul/engine/proc"
+	"github.com/phaul/phaul/internal/pagereader"
 	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/protocol/imagepb"
 )
 
 const pageSize = 4096
 
-// pageRange is a run of pages: [addr, addr+n*pageSize).
-type pageRange struct {
-	addr uint64
-	n    uint64
-}
+// pageRange is a run of pages.
+type pageRange = pagereader.Span
 
 // memStats counts what a memory dump did.
 type memStats struct {
@@ -47,10 +44,10 @@ func savedPages(pm *proc.Pagemap, v *imagepb.VMA, ents []uint64) ([]pageRange, [
 			continue
 		}
 		addr := v.Start + i*pageSize
-		if k := len(runs) - 1; k >= 0 && runs[k].addr+runs[k].n*pageSize == addr {
-			runs[k].n++
+		if k := len(runs) - 1; k >= 0 && runs[k].Addr+runs[k].Pages*pageSize == addr {
+			runs[k].Pages++
 		} else {
-			runs = append(runs, pageRange{addr: addr, n: 1})
+			runs = append(runs, pageRange{Addr: addr, Pages: 1})
 		}
 	}
 	return runs, ents, nil
@@ -87,11 +84,11 @@ func dumpMemory(pid int, vmas []*imagepb.VMA, w *image.PageWriter, inParent func
 		return st, err
 	}
 	defer pm.Close()
-	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
+	rd, err := pagereader.Open(pid)
 	if err != nil {
-		return st, fmt.Errorf("open memory of %d: %w", pid, err)
+		return st, err
 	}
-	defer mem.Close()
+	defer rd.Close()
 
 	free := make(chan []byte, 3)
 	for i := 0; i < 3; i++ {
@@ -128,7 +125,7 @@ func dumpMemory(pid int, vmas []*imagepb.VMA, w *image.PageWriter, inParent func
 					case <-done:
 						return
 					}
-					b, rest, err := readBatch(pid, mem, readable, read, buf)
+					b, rest, err := readBatch(rd, readable, read, buf)
 					read = rest
 					if err != nil {
 						full <- batch{err: fmt.Errorf("read memory of %d in %#x-%#x: %w", pid, v.Start, v.End, err)}
@@ -136,9 +133,9 @@ func dumpMemory(pid int, vmas []*imagepb.VMA, w *image.PageWriter, inParent func
 					}
 					full <- b
 				}
-				if parent.n > 0 {
+				if parent.Pages > 0 {
 					select {
-					case full <- batch{segs: []segment{{addr: parent.addr, parent: parent.n}}}:
+					case full <- batch{segs: []segment{{addr: parent.Addr, parent: parent.Pages}}}:
 					case <-done:
 						return
 					}
@@ -186,22 +183,22 @@ func nextFromParent(runs []pageRange, inParent func(addr uint64) bool) (read []p
 		return runs, pageRange{}, nil
 	}
 	for i, r := range runs {
-		for p := uint64(0); p < r.n; p++ {
-			if !inParent(r.addr + p*pageSize) {
+		for p := uint64(0); p < r.Pages; p++ {
+			if !inParent(r.Addr + p*pageSize) {
 				continue
 			}
-			read = append(runs[:i:i], pageRange{addr: r.addr, n: p})
+			read = append(runs[:i:i], pageRange{Addr: r.Addr, Pages: p})
 			if p == 0 {
 				read = read[:i]
 			}
 			q := p
-			for q < r.n && inParent(r.addr+q*pageSize) {
+			for q < r.Pages && inParent(r.Addr+q*pageSize) {
 				q++
 			}
-			parent = pageRange{addr: r.addr + p*pageSize, n: q - p}
+			parent = pageRange{Addr: r.Addr + p*pageSize, Pages: q - p}
 			rest = runs[i+1:]
-			if q < r.n {
-				rest = append([]pageRange{{addr: r.addr + q*pageSize, n: r.n - q}}, rest...)
+			if q < r.Pages {
+				rest = append([]pageRange{{Addr: r.Addr + q*pageSize, Pages: r.Pages - q}}, rest...)
 			}
 			return read, parent, rest
 		}
@@ -210,50 +207,34 @@ func nextFromParent(runs []pageRange, inParent func(addr uint64) bool) (read []p
 }
 
 // readBatch reads as many of runs as fit in buf and splits what it read
-// into data and zero segments. It returns the runs left over.
-func readBatch(pid int, mem *os.File, readable bool, runs []pageRange, buf []byte) (batch, []pageRange, error) {
+// into data and zero segments. It returns the runs left over. The process
+// is frozen: every page asked for must be read.
+func readBatch(rd *pagereader.Reader, readable bool, runs []pageRange, buf []byte) (batch, []pageRange, error) {
 	b := batch{buf: buf}
-	var local [][]byte
-	var remote []sys.RemoteIovec
-	var taken []pageRange
-	used := 0
-	for len(runs) > 0 && used < len(buf) && len(remote) < 1024 {
-		r := runs[0]
-		room := uint64(len(buf)-used) / pageSize
-		take := r
-		if take.n > room {
-			take.n = room
-			runs[0] = pageRange{addr: r.addr + room*pageSize, n: r.n - room}
-		} else {
-			runs = runs[1:]
+	pages := func(rs []pageRange) (n uint64) {
+		for _, r := range rs {
+			n += r.Pages
 		}
-		size := int(take.n * pageSize)
-		local = append(local, buf[used:used+size])
-		remote = append(remote, sys.RemoteIovec{Base: uintptr(take.addr), Len: size})
-		taken = append(taken, take)
-		used += size
+		return n
 	}
-	if readable {
-		n, err := sys.ProcessVMReadv(pid, local, remote)
-		if err != nil {
-			return b, runs, err
-		}
-		if n != used {
-			return b, runs, fmt.Errorf("short read: %d of %d bytes", n, used)
-		}
-	} else {
-		for i, l := range local {
-			if _, err := mem.ReadAt(l, int64(remote[i].Base)); err != nil {
-				return b, runs, err
-			}
-		}
+	before := pages(runs) // Batch rewrites the run it splits
+	got, rest, err := rd.Batch(runs, readable, buf)
+	if err != nil {
+		return b, rest, err
+	}
+	asked := before - pages(rest)
+	read := uint64(0)
+	for _, r := range got {
+		read += uint64(len(r.Data)) / pageSize
+	}
+	if read != asked {
+		return b, rest, fmt.Errorf("read %d of %d pages of the frozen process", read, asked)
 	}
 	// Split into data and zero segments, page by page.
-	off := 0
-	for _, r := range taken {
-		for p := uint64(0); p < r.n; p++ {
-			page := buf[off : off+pageSize]
-			addr := r.addr + p*pageSize
+	for _, r := range got {
+		for p := 0; p < len(r.Data)/pageSize; p++ {
+			page := r.Data[p*pageSize : (p+1)*pageSize]
+			addr := r.Addr + uint64(p)*pageSize
 			zero := image.IsZero(page)
 			last := len(b.segs) - 1
 			switch {
@@ -267,8 +248,7 @@ func readBatch(pid int, mem *os.File, readable bool, runs []pageRange, buf []byt
 			default:
 				b.segs = append(b.segs, segment{addr: addr, data: page})
 			}
-			off += pageSize
 		}
 	}
-	return b, runs, nil
+	return b, rest, nil
 }

@@ -10,12 +10,12 @@ import (
 // in order, alternating as the predicate says.
 func TestNextFromParent(t *testing.T) {
 	runs := func() []pageRange {
-		return []pageRange{{addr: 0x1000, n: 4}, {addr: 0x10000, n: 3}, {addr: 0x20000, n: 1}}
+		return []pageRange{{Addr: 0x1000, Pages: 4}, {Addr: 0x10000, Pages: 3}, {Addr: 0x20000, Pages: 1}}
 	}
 	var pages []uint64
 	for _, r := range runs() {
-		for i := uint64(0); i < r.n; i++ {
-			pages = append(pages, r.addr+i*pageSize)
+		for i := uint64(0); i < r.Pages; i++ {
+			pages = append(pages, r.Addr+i*pageSize)
 		}
 	}
 	for mask := 0; mask < 1<<len(pages); mask++ {
@@ -32,12 +32,12 @@ func TestNextFromParent(t *testing.T) {
 			var parent pageRange
 			read, parent, rest = nextFromParent(rest, func(a uint64) bool { return inParent[a] })
 			for _, r := range read {
-				for i := uint64(0); i < r.n; i++ {
-					got = append(got, fmt.Sprintf("r%x", r.addr+i*pageSize))
+				for i := uint64(0); i < r.Pages; i++ {
+					got = append(got, fmt.Sprintf("r%x", r.Addr+i*pageSize))
 				}
 			}
-			for i := uint64(0); i < parent.n; i++ {
-				got = append(got, fmt.Sprintf("p%x", parent.addr+i*pageSize))
+			for i := uint64(0); i < parent.Pages; i++ {
+				got = append(got, fmt.Sprintf("p%x", parent.Addr+i*pageSize))
 			}
 		}
 		var want []string
@@ -52,7 +52,7 @@ func TestNextFromParent(t *testing.T) {
 			t.Fatalf("mask %b: pieces %v, want %v", mask, got, want)
 		}
 	}
-	if read, parent, rest := nextFromParent(runs(), nil); len(read) != 3 || parent.n != 0 || rest != nil {
+	if read, parent, rest := nextFromParent(runs(), nil); len(read) != 3 || parent.Pages != 0 || rest != nil {
 		t.Errorf("without a parent: %v %v %v", read, parent, rest)
 	}
 }
