@@ -41,10 +41,10 @@ type state struct {
 	random bool
 }
 
-func (s *state) fill(page int, gen uint32) {
-	p := s.mem[page*pageSize : (page+1)*pageSize]
-	binary.LittleEndian.PutUint64(p[0:], uint64(page))
-	binary.LittleEndian.PutUint32(p[8:], gen)
+// words calls fn with each 8-byte word the page holds after its header
+// (offset, value) for generation gen; fn returns false to stop. fill and
+// check share it, so what is written is exactly what is verified.
+func (s *state) words(page int, gen uint32, fn func(off int, v uint64) bool) {
 	seed := uint64(page)*0x9e3779b97f4a7c15 ^ uint64(gen)*0xbf58476d1ce4e5b9
 	for i := 16; i < pageSize; i += 8 {
 		var v uint64
@@ -57,8 +57,20 @@ func (s *state) fill(page int, gen uint32) {
 			// Heap-like: small integers and repeated words compress well.
 			v = uint64(i/8%32) | uint64(page%7)<<32
 		}
-		binary.LittleEndian.PutUint64(p[i:], v)
+		if !fn(i, v) {
+			return
+		}
 	}
+}
+
+func (s *state) fill(page int, gen uint32) {
+	p := s.mem[page*pageSize : (page+1)*pageSize]
+	binary.LittleEndian.PutUint64(p[0:], uint64(page))
+	binary.LittleEndian.PutUint32(p[8:], gen)
+	s.words(page, gen, func(off int, v uint64) bool {
+		binary.LittleEndian.PutUint64(p[off:], v)
+		return true
+	})
 	s.gens[page].Store(gen)
 }
 
@@ -71,20 +83,16 @@ func (s *state) check(page int) error {
 	if got := binary.LittleEndian.Uint32(p[8:]); got != gen {
 		return fmt.Errorf("page %d has generation %d, expected %d (stale page)", page, got, gen)
 	}
-	seed := uint64(page)*0x9e3779b97f4a7c15 ^ uint64(gen)*0xbf58476d1ce4e5b9
-	for i := 16; i < pageSize; i += 8 {
-		var v uint64
-		if s.random {
-			seed ^= seed << 13
-			seed ^= seed >> 7
-			seed ^= seed << 17
-			v = seed
-		} else {
-			v = uint64(i/8%32) | uint64(page%7)<<32
+	bad := -1
+	s.words(page, gen, func(off int, v uint64) bool {
+		if binary.LittleEndian.Uint64(p[off:]) != v {
+			bad = off
+			return false
 		}
-		if binary.LittleEndian.Uint64(p[i:]) != v {
-			return fmt.Errorf("page %d corrupt at byte %d", page, i)
-		}
+		return true
+	})
+	if bad >= 0 {
+		return fmt.Errorf("page %d corrupt at byte %d", page, bad)
 	}
 	return nil
 }
