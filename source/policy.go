@@ -77,6 +77,9 @@ type Round struct {
 	Bandwidth float64
 	// Duration of the round.
 	Duration time.Duration
+	// Unmeasured says DirtyBytes is no measurement: a round that copied
+	// every page (the first) cannot tell what the process writes meanwhile.
+	Unmeasured bool
 }
 
 // ExpectedDowntime is the pause a freeze after round r would cause.
@@ -99,6 +102,9 @@ func (p Policy) Decide(rounds []Round) (Decision, string) {
 	}
 	last := rounds[len(rounds)-1]
 	exp := p.ExpectedDowntime(last)
+	if last.Unmeasured && (p.MaxRounds <= 0 || len(rounds) < p.MaxRounds) {
+		return Continue, "this round copied everything; the next one measures what the process writes"
+	}
 	if exp <= p.Downtime {
 		return Freeze, fmt.Sprintf("expected downtime %v fits the budget %v", exp.Round(time.Microsecond), p.Downtime)
 	}

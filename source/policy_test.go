@@ -44,6 +44,9 @@ func TestPolicyDecide(t *testing.T) {
 			{DirtyBytes: 100 * mib, Bandwidth: gbps}, {DirtyBytes: 50 * mib, Bandwidth: gbps}}, Freeze, "maximum"},
 		{"round limit, abort", Policy{Downtime: 25 * time.Millisecond, MaxRounds: 2, OnNoConverge: NoConvergeAbort}, []Round{
 			{DirtyBytes: 100 * mib, Bandwidth: gbps}, {DirtyBytes: 50 * mib, Bandwidth: gbps}}, Abort, "maximum"},
+		{"a full copy measures nothing", base, []Round{{DirtyBytes: 0, Bandwidth: gbps, Unmeasured: true}}, Continue, "measures"},
+		{"a full copy at the round limit", Policy{Downtime: 25 * time.Millisecond, MaxRounds: 1},
+			[]Round{{DirtyBytes: 0, Bandwidth: gbps, Unmeasured: true}}, Freeze, "fits"},
 		{"a bigger budget stops earlier", Policy{Downtime: 300 * time.Millisecond}, []Round{{DirtyBytes: 250e6, Bandwidth: gbps}}, Freeze, "fits"},
 	} {
 		got, reason := tc.p.Decide(tc.rounds)

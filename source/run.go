@@ -223,23 +223,13 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 			return nil, fmt.Errorf("round %d: target: %w", round, err)
 		}
 		// What the next round will send is what was written while this one
-		// ran; a round that copied everything (round 0) tells nothing yet.
-		dirty := r.PagesDirty * 4096
-		if round == 0 {
-			dirty = uint64(r.DirtyRate * took.Seconds() * 4096)
-			if dirty == 0 {
-				dirty = r.PagesWritten * 4096
-			}
-		}
+		// ran; a round that copied everything tells nothing of that.
 		bw := d.RawRate()
 		if bw == 0 && len(rounds) > 0 {
 			bw = rounds[len(rounds)-1].Bandwidth
 		}
-		rounds = append(rounds, Round{DirtyBytes: dirty, Bandwidth: bw, Duration: took})
+		rounds = append(rounds, Round{DirtyBytes: r.PagesDirty * 4096, Bandwidth: bw, Duration: took, Unmeasured: round == 0})
 		decision, reason := cfg.Policy.Decide(rounds)
-		if round == 0 && decision == Freeze && r.PagesWritten > 0 && cfg.Policy.MaxRounds != 1 {
-			decision, reason = Continue, "round 0 copied everything; one more round measures what changes"
-		}
 		rep := RoundReport{Round: round, Pages: d.PagesData, PagesZero: d.PagesZero, Bytes: d.WireBytes,
 			DurationMS: ms(took), RateMBps: bw / 1e6, DirtyRate: r.DirtyRate,
 			ExpectedMS: ms(cfg.Policy.ExpectedDowntime(rounds[len(rounds)-1])), Decision: decision.String(), Reason: reason}
