@@ -146,9 +146,6 @@ func lastRound(ctx context.Context, f *ptrace.Frozen, opt FreezeOptions, log *sl
 	return err
 }
 
-// Do runs fn on the tracer thread that holds the process stopped.
-func (f *Frozen) Do(fn func() error) error { return f.tr.Do(fn) }
-
 // Resume lets the process run again as it was (signals taken off it while
 // freezing are queued again).
 func (f *Frozen) Resume() error {

@@ -50,9 +50,6 @@ func NewInjector(tid int, gadget uint64) (*Injector, error) {
 	return in, nil
 }
 
-// SavedRegs returns the registers the thread had before injection.
-func (in *Injector) SavedRegs() sys.Regs { return in.saved }
-
 // SetGadget changes the syscall instruction used from now on (after the
 // tracee's code was moved, for instance).
 func (in *Injector) SetGadget(g uint64) { in.gadget = g }
@@ -172,9 +169,6 @@ func (in *Injector) MapScratch(size uint64) (uint64, error) {
 
 // UseScratch declares tracee memory at addr as scratch without mapping it.
 func (in *Injector) UseScratch(addr, size uint64) { in.scratch, in.scratchSize = addr, size }
-
-// Scratch returns the scratch area.
-func (in *Injector) Scratch() (addr, size uint64) { return in.scratch, in.scratchSize }
 
 // UnmapScratch unmaps the area made by MapScratch.
 //

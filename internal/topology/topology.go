@@ -46,9 +46,6 @@ func (n *Network) Host(name string) *Host {
 	return nil
 }
 
-// Subnet returns the segment's prefix, e.g. "10.213.7.0/24".
-func (n *Network) Subnet() string { return n.prefix + ".0/24" }
-
 // FreeAddr returns an address on the segment that no host has, for a
 // service address that moves between hosts.
 func (n *Network) FreeAddr() string { return n.prefix + ".200" }
