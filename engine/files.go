@@ -207,6 +207,27 @@ func (ft *fileTable) describe(pid, fd int) (*imagepb.File, bool, error) {
 		f.Dev = st.Sys().(*syscall.Stat_t).Dev
 		f.Pipe = &imagepb.Pipe{PipeId: f.Inode}
 		return f, cloexec, nil
+	case "anon_inode:[timerfd]":
+		t, err := timerfdState(pid, fd, info)
+		if err != nil {
+			return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
+		}
+		f.Kind, f.Timerfd = imagepb.FileKind_FILE_TIMERFD, t
+		return f, cloexec, nil
+	case "anon_inode:[signalfd]":
+		s, err := signalfdState(info)
+		if err != nil {
+			return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
+		}
+		f.Kind, f.Signalfd = imagepb.FileKind_FILE_SIGNALFD, s
+		return f, cloexec, nil
+	case "anon_inode:inotify":
+		n, err := inotifyState(pid, fd, info)
+		if err != nil {
+			return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
+		}
+		f.Kind, f.Inotify = imagepb.FileKind_FILE_INOTIFY, n
+		return f, cloexec, nil
 	}
 	if !strings.HasPrefix(link, "/") {
 		return nil, false, unsupported("descriptor %d (%s)%s", fd, link, kindHint(link))

@@ -238,6 +238,12 @@ func (r *restorer) openFile(f *imagepb.File) (uint64, error) {
 		return r.openEventfd(f)
 	case imagepb.FileKind_FILE_PIPE:
 		return r.openPipe(f)
+	case imagepb.FileKind_FILE_TIMERFD:
+		return r.openTimerfd(f)
+	case imagepb.FileKind_FILE_SIGNALFD:
+		return r.openSignalfd(f)
+	case imagepb.FileKind_FILE_INOTIFY:
+		return r.openInotify(f)
 	case imagepb.FileKind_FILE_EPOLL:
 		fd, err := in.Syscall(sys.SYS_EPOLL_CREATE1, sys.O_CLOEXEC)
 		if err != nil {

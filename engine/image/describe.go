@@ -209,6 +209,12 @@ func fileDetail(f *imagepb.File) string {
 		return fmt.Sprintf("clock %d value %v interval %v", t.GetClockid(), time.Duration(t.GetValueNs()), time.Duration(t.GetIntervalNs()))
 	case f.GetSignalfd() != nil:
 		return fmt.Sprintf("sigmask %#x", f.GetSignalfd().GetSigmask())
+	case f.GetInotify() != nil:
+		var ws []string
+		for _, w := range f.GetInotify().GetWatches() {
+			ws = append(ws, fmt.Sprintf("%d:%s mask %#x", w.GetWd(), w.GetPath(), w.GetMask()))
+		}
+		return fmt.Sprintf("%d watches %s", len(ws), strings.Join(ws, ", "))
 	}
 	return ""
 }

@@ -2050,6 +2050,7 @@ type File struct {
 	Timerfd       *TimerFD  `protobuf:"bytes,22,opt,name=timerfd,proto3" json:"timerfd,omitempty"`
 	Signalfd      *SignalFD `protobuf:"bytes,23,opt,name=signalfd,proto3" json:"signalfd,omitempty"`
 	Pipe          *Pipe     `protobuf:"bytes,24,opt,name=pipe,proto3" json:"pipe,omitempty"`
+	Inotify       *Inotify  `protobuf:"bytes,25,opt,name=inotify,proto3" json:"inotify,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2192,6 +2193,13 @@ func (x *File) GetSignalfd() *SignalFD {
 func (x *File) GetPipe() *Pipe {
 	if x != nil {
 		return x.Pipe
+	}
+	return nil
+}
+
+func (x *File) GetInotify() *Inotify {
+	if x != nil {
+		return x.Inotify
 	}
 	return nil
 }
@@ -2353,14 +2361,20 @@ func (x *Epoll) GetTargets() []*EpollTarget {
 }
 
 type TimerFD struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Clockid       int32                  `protobuf:"varint,1,opt,name=clockid,proto3" json:"clockid,omitempty"`
-	Ticks         uint64                 `protobuf:"varint,2,opt,name=ticks,proto3" json:"ticks,omitempty"`
-	SettimeFlags  int32                  `protobuf:"varint,3,opt,name=settime_flags,json=settimeFlags,proto3" json:"settime_flags,omitempty"`
-	ValueNs       int64                  `protobuf:"varint,4,opt,name=value_ns,json=valueNs,proto3" json:"value_ns,omitempty"`
-	IntervalNs    int64                  `protobuf:"varint,5,opt,name=interval_ns,json=intervalNs,proto3" json:"interval_ns,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Clockid      int32                  `protobuf:"varint,1,opt,name=clockid,proto3" json:"clockid,omitempty"`
+	Ticks        uint64                 `protobuf:"varint,2,opt,name=ticks,proto3" json:"ticks,omitempty"`
+	SettimeFlags int32                  `protobuf:"varint,3,opt,name=settime_flags,json=settimeFlags,proto3" json:"settime_flags,omitempty"`
+	// Time left until the next expiration (0: disarmed) and the period, as
+	// timerfd_gettime returned them at dump time.
+	ValueNs    int64 `protobuf:"varint,4,opt,name=value_ns,json=valueNs,proto3" json:"value_ns,omitempty"`
+	IntervalNs int64 `protobuf:"varint,5,opt,name=interval_ns,json=intervalNs,proto3" json:"interval_ns,omitempty"`
+	// CLOCK_REALTIME when value_ns was read: restore subtracts the time that
+	// passed since (dump, transfer, restore) so that the timer expires when
+	// it would have.
+	SampledRealtimeNs int64 `protobuf:"varint,6,opt,name=sampled_realtime_ns,json=sampledRealtimeNs,proto3" json:"sampled_realtime_ns,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *TimerFD) Reset() {
@@ -2428,6 +2442,13 @@ func (x *TimerFD) GetIntervalNs() int64 {
 	return 0
 }
 
+func (x *TimerFD) GetSampledRealtimeNs() int64 {
+	if x != nil {
+		return x.SampledRealtimeNs
+	}
+	return 0
+}
+
 type SignalFD struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Sigmask       uint64                 `protobuf:"varint,1,opt,name=sigmask,proto3" json:"sigmask,omitempty"`
@@ -2472,6 +2493,134 @@ func (x *SignalFD) GetSigmask() uint64 {
 	return 0
 }
 
+// Inotify is an inotify instance and its watches. Pending events are not
+// kept (dump refuses an instance with unread events).
+type Inotify struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Sorted by watch descriptor.
+	Watches       []*InotifyWatch `protobuf:"bytes,1,rep,name=watches,proto3" json:"watches,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Inotify) Reset() {
+	*x = Inotify{}
+	mi := &file_image_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Inotify) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Inotify) ProtoMessage() {}
+
+func (x *Inotify) ProtoReflect() protoreflect.Message {
+	mi := &file_image_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Inotify.ProtoReflect.Descriptor instead.
+func (*Inotify) Descriptor() ([]byte, []int) {
+	return file_image_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *Inotify) GetWatches() []*InotifyWatch {
+	if x != nil {
+		return x.Watches
+	}
+	return nil
+}
+
+type InotifyWatch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Watch descriptor: restore reproduces the number.
+	Wd int32 `protobuf:"varint,1,opt,name=wd,proto3" json:"wd,omitempty"`
+	// Event mask and flags (IN_ONESHOT, IN_EXCL_UNLINK) as fdinfo shows them.
+	Mask uint32 `protobuf:"varint,2,opt,name=mask,proto3" json:"mask,omitempty"`
+	// Path of the watched inode as the process sees it.
+	Path string `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`
+	// Inode number and device (userspace encoding) of the watched inode at
+	// dump time.
+	Inode         uint64 `protobuf:"varint,4,opt,name=inode,proto3" json:"inode,omitempty"`
+	Dev           uint64 `protobuf:"varint,5,opt,name=dev,proto3" json:"dev,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InotifyWatch) Reset() {
+	*x = InotifyWatch{}
+	mi := &file_image_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InotifyWatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InotifyWatch) ProtoMessage() {}
+
+func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
+	mi := &file_image_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
+func (*InotifyWatch) Descriptor() ([]byte, []int) {
+	return file_image_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *InotifyWatch) GetWd() int32 {
+	if x != nil {
+		return x.Wd
+	}
+	return 0
+}
+
+func (x *InotifyWatch) GetMask() uint32 {
+	if x != nil {
+		return x.Mask
+	}
+	return 0
+}
+
+func (x *InotifyWatch) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *InotifyWatch) GetInode() uint64 {
+	if x != nil {
+		return x.Inode
+	}
+	return 0
+}
+
+func (x *InotifyWatch) GetDev() uint64 {
+	if x != nil {
+		return x.Dev
+	}
+	return 0
+}
+
 type Pipe struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Pipe identity (inode of the pipefs object), shared by both ends.
@@ -2485,7 +2634,7 @@ type Pipe struct {
 
 func (x *Pipe) Reset() {
 	*x = Pipe{}
-	mi := &file_image_proto_msgTypes[23]
+	mi := &file_image_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2497,7 +2646,7 @@ func (x *Pipe) String() string {
 func (*Pipe) ProtoMessage() {}
 
 func (x *Pipe) ProtoReflect() protoreflect.Message {
-	mi := &file_image_proto_msgTypes[23]
+	mi := &file_image_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2510,7 +2659,7 @@ func (x *Pipe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pipe.ProtoReflect.Descriptor instead.
 func (*Pipe) Descriptor() ([]byte, []int) {
-	return file_image_proto_rawDescGZIP(), []int{23}
+	return file_image_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Pipe) GetPipeId() uint64 {
@@ -2545,7 +2694,7 @@ type PageMap struct {
 
 func (x *PageMap) Reset() {
 	*x = PageMap{}
-	mi := &file_image_proto_msgTypes[24]
+	mi := &file_image_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2557,7 +2706,7 @@ func (x *PageMap) String() string {
 func (*PageMap) ProtoMessage() {}
 
 func (x *PageMap) ProtoReflect() protoreflect.Message {
-	mi := &file_image_proto_msgTypes[24]
+	mi := &file_image_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2570,7 +2719,7 @@ func (x *PageMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PageMap.ProtoReflect.Descriptor instead.
 func (*PageMap) Descriptor() ([]byte, []int) {
-	return file_image_proto_rawDescGZIP(), []int{24}
+	return file_image_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PageMap) GetRuns() []*PageRun {
@@ -2594,7 +2743,7 @@ type PageRun struct {
 
 func (x *PageRun) Reset() {
 	*x = PageRun{}
-	mi := &file_image_proto_msgTypes[25]
+	mi := &file_image_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2606,7 +2755,7 @@ func (x *PageRun) String() string {
 func (*PageRun) ProtoMessage() {}
 
 func (x *PageRun) ProtoReflect() protoreflect.Message {
-	mi := &file_image_proto_msgTypes[25]
+	mi := &file_image_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2619,7 +2768,7 @@ func (x *PageRun) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PageRun.ProtoReflect.Descriptor instead.
 func (*PageRun) Descriptor() ([]byte, []int) {
-	return file_image_proto_rawDescGZIP(), []int{25}
+	return file_image_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *PageRun) GetAddr() uint64 {
@@ -2687,7 +2836,7 @@ type TrackerState struct {
 
 func (x *TrackerState) Reset() {
 	*x = TrackerState{}
-	mi := &file_image_proto_msgTypes[26]
+	mi := &file_image_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2699,7 +2848,7 @@ func (x *TrackerState) String() string {
 func (*TrackerState) ProtoMessage() {}
 
 func (x *TrackerState) ProtoReflect() protoreflect.Message {
-	mi := &file_image_proto_msgTypes[26]
+	mi := &file_image_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2712,7 +2861,7 @@ func (x *TrackerState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrackerState.ProtoReflect.Descriptor instead.
 func (*TrackerState) Descriptor() ([]byte, []int) {
-	return file_image_proto_rawDescGZIP(), []int{26}
+	return file_image_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *TrackerState) GetBackend() string {
@@ -2790,7 +2939,7 @@ type HashedArea struct {
 
 func (x *HashedArea) Reset() {
 	*x = HashedArea{}
-	mi := &file_image_proto_msgTypes[27]
+	mi := &file_image_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2802,7 +2951,7 @@ func (x *HashedArea) String() string {
 func (*HashedArea) ProtoMessage() {}
 
 func (x *HashedArea) ProtoReflect() protoreflect.Message {
-	mi := &file_image_proto_msgTypes[27]
+	mi := &file_image_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2815,7 +2964,7 @@ func (x *HashedArea) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HashedArea.ProtoReflect.Descriptor instead.
 func (*HashedArea) Descriptor() ([]byte, []int) {
-	return file_image_proto_rawDescGZIP(), []int{27}
+	return file_image_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *HashedArea) GetStart() uint64 {
@@ -3017,7 +3166,7 @@ const file_image_proto_rawDesc = "" +
 	"\afile_id\x18\x02 \x01(\rR\x06fileId\x12\x18\n" +
 	"\acloexec\x18\x03 \x01(\bR\acloexec\"7\n" +
 	"\tFileTable\x12*\n" +
-	"\x05files\x18\x01 \x03(\v2\x14.phaul.image.v1.FileR\x05files\"\xf6\x03\n" +
+	"\x05files\x18\x01 \x03(\v2\x14.phaul.image.v1.FileR\x05files\"\xa9\x04\n" +
 	"\x04File\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12,\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x18.phaul.image.v1.FileKindR\x04kind\x12\x12\n" +
@@ -3036,7 +3185,8 @@ const file_image_proto_rawDesc = "" +
 	"\x05epoll\x18\x15 \x01(\v2\x15.phaul.image.v1.EpollR\x05epoll\x121\n" +
 	"\atimerfd\x18\x16 \x01(\v2\x17.phaul.image.v1.TimerFDR\atimerfd\x124\n" +
 	"\bsignalfd\x18\x17 \x01(\v2\x18.phaul.image.v1.SignalFDR\bsignalfd\x12(\n" +
-	"\x04pipe\x18\x18 \x01(\v2\x14.phaul.image.v1.PipeR\x04pipe\"=\n" +
+	"\x04pipe\x18\x18 \x01(\v2\x14.phaul.image.v1.PipeR\x04pipe\x121\n" +
+	"\ainotify\x18\x19 \x01(\v2\x17.phaul.image.v1.InotifyR\ainotify\"=\n" +
 	"\aEventFD\x12\x14\n" +
 	"\x05count\x18\x01 \x01(\x04R\x05count\x12\x1c\n" +
 	"\tsemaphore\x18\x02 \x01(\bR\tsemaphore\"I\n" +
@@ -3045,16 +3195,25 @@ const file_image_proto_rawDesc = "" +
 	"\x06events\x18\x02 \x01(\rR\x06events\x12\x12\n" +
 	"\x04data\x18\x03 \x01(\x04R\x04data\">\n" +
 	"\x05Epoll\x125\n" +
-	"\atargets\x18\x01 \x03(\v2\x1b.phaul.image.v1.EpollTargetR\atargets\"\x9a\x01\n" +
+	"\atargets\x18\x01 \x03(\v2\x1b.phaul.image.v1.EpollTargetR\atargets\"\xca\x01\n" +
 	"\aTimerFD\x12\x18\n" +
 	"\aclockid\x18\x01 \x01(\x05R\aclockid\x12\x14\n" +
 	"\x05ticks\x18\x02 \x01(\x04R\x05ticks\x12#\n" +
 	"\rsettime_flags\x18\x03 \x01(\x05R\fsettimeFlags\x12\x19\n" +
 	"\bvalue_ns\x18\x04 \x01(\x03R\avalueNs\x12\x1f\n" +
 	"\vinterval_ns\x18\x05 \x01(\x03R\n" +
-	"intervalNs\"$\n" +
+	"intervalNs\x12.\n" +
+	"\x13sampled_realtime_ns\x18\x06 \x01(\x03R\x11sampledRealtimeNs\"$\n" +
 	"\bSignalFD\x12\x18\n" +
-	"\asigmask\x18\x01 \x01(\x04R\asigmask\"O\n" +
+	"\asigmask\x18\x01 \x01(\x04R\asigmask\"A\n" +
+	"\aInotify\x126\n" +
+	"\awatches\x18\x01 \x03(\v2\x1c.phaul.image.v1.InotifyWatchR\awatches\"n\n" +
+	"\fInotifyWatch\x12\x0e\n" +
+	"\x02wd\x18\x01 \x01(\x05R\x02wd\x12\x12\n" +
+	"\x04mask\x18\x02 \x01(\rR\x04mask\x12\x12\n" +
+	"\x04path\x18\x03 \x01(\tR\x04path\x12\x14\n" +
+	"\x05inode\x18\x04 \x01(\x04R\x05inode\x12\x10\n" +
+	"\x03dev\x18\x05 \x01(\x04R\x03dev\"O\n" +
 	"\x04Pipe\x12\x17\n" +
 	"\apipe_id\x18\x01 \x01(\x04R\x06pipeId\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12\x1a\n" +
@@ -3137,7 +3296,7 @@ func file_image_proto_rawDescGZIP() []byte {
 }
 
 var file_image_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_image_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_image_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_image_proto_goTypes = []any{
 	(VMAKind)(0),         // 0: phaul.image.v1.VMAKind
 	(FileKind)(0),        // 1: phaul.image.v1.FileKind
@@ -3165,11 +3324,13 @@ var file_image_proto_goTypes = []any{
 	(*Epoll)(nil),        // 23: phaul.image.v1.Epoll
 	(*TimerFD)(nil),      // 24: phaul.image.v1.TimerFD
 	(*SignalFD)(nil),     // 25: phaul.image.v1.SignalFD
-	(*Pipe)(nil),         // 26: phaul.image.v1.Pipe
-	(*PageMap)(nil),      // 27: phaul.image.v1.PageMap
-	(*PageRun)(nil),      // 28: phaul.image.v1.PageRun
-	(*TrackerState)(nil), // 29: phaul.image.v1.TrackerState
-	(*HashedArea)(nil),   // 30: phaul.image.v1.HashedArea
+	(*Inotify)(nil),      // 26: phaul.image.v1.Inotify
+	(*InotifyWatch)(nil), // 27: phaul.image.v1.InotifyWatch
+	(*Pipe)(nil),         // 28: phaul.image.v1.Pipe
+	(*PageMap)(nil),      // 29: phaul.image.v1.PageMap
+	(*PageRun)(nil),      // 30: phaul.image.v1.PageRun
+	(*TrackerState)(nil), // 31: phaul.image.v1.TrackerState
+	(*HashedArea)(nil),   // 32: phaul.image.v1.HashedArea
 }
 var file_image_proto_depIdxs = []int32{
 	4,  // 0: phaul.image.v1.Inventory.processes:type_name -> phaul.image.v1.ProcessEntry
@@ -3194,16 +3355,18 @@ var file_image_proto_depIdxs = []int32{
 	23, // 19: phaul.image.v1.File.epoll:type_name -> phaul.image.v1.Epoll
 	24, // 20: phaul.image.v1.File.timerfd:type_name -> phaul.image.v1.TimerFD
 	25, // 21: phaul.image.v1.File.signalfd:type_name -> phaul.image.v1.SignalFD
-	26, // 22: phaul.image.v1.File.pipe:type_name -> phaul.image.v1.Pipe
-	22, // 23: phaul.image.v1.Epoll.targets:type_name -> phaul.image.v1.EpollTarget
-	28, // 24: phaul.image.v1.PageMap.runs:type_name -> phaul.image.v1.PageRun
-	2,  // 25: phaul.image.v1.PageRun.source:type_name -> phaul.image.v1.PageSource
-	30, // 26: phaul.image.v1.TrackerState.hashed:type_name -> phaul.image.v1.HashedArea
-	27, // [27:27] is the sub-list for method output_type
-	27, // [27:27] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	28, // 22: phaul.image.v1.File.pipe:type_name -> phaul.image.v1.Pipe
+	26, // 23: phaul.image.v1.File.inotify:type_name -> phaul.image.v1.Inotify
+	22, // 24: phaul.image.v1.Epoll.targets:type_name -> phaul.image.v1.EpollTarget
+	27, // 25: phaul.image.v1.Inotify.watches:type_name -> phaul.image.v1.InotifyWatch
+	30, // 26: phaul.image.v1.PageMap.runs:type_name -> phaul.image.v1.PageRun
+	2,  // 27: phaul.image.v1.PageRun.source:type_name -> phaul.image.v1.PageSource
+	32, // 28: phaul.image.v1.TrackerState.hashed:type_name -> phaul.image.v1.HashedArea
+	29, // [29:29] is the sub-list for method output_type
+	29, // [29:29] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_image_proto_init() }
@@ -3217,7 +3380,7 @@ func file_image_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_image_proto_rawDesc), len(file_image_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   28,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
