@@ -9,8 +9,11 @@ import (
 )
 
 // allSignals blocks every signal the kernel lets us block while injected
-// code runs, so that no handler of the tracee runs in the middle of it.
-const allSignals = ^uint64(0)
+// code runs, so that no handler of the tracee runs in the middle of it;
+// all but SIGTRAP, which ends a Batch: the kernel would reset the handler
+// of a blocked SIGTRAP when the trap forces it (the trap's stop is taken
+// by the tracer and the signal never delivered).
+const allSignals = ^uint64(0) &^ (1 << (sys.SIGTRAP - 1))
 
 // Injector runs system calls inside one stopped tracee thread. It uses an
 // existing `syscall` instruction (a gadget, usually in the vDSO) and
@@ -26,6 +29,9 @@ type Injector struct {
 	// scratch is tracee memory mapped by MapScratch, for syscall arguments.
 	scratch     uint64
 	scratchSize uint64
+	// batch is executable tracee memory for Batch (UseBatchArea).
+	batch     uint64
+	batchSize uint64
 	// Children holds the TIDs/PIDs created by the last injected clone,
 	// reported through PTRACE_EVENT_CLONE/FORK stops.
 	Children []int
@@ -154,11 +160,12 @@ func (in *Injector) Syscall(nr uint64, args ...uint64) (uint64, error) {
 }
 
 // MapScratch maps size bytes of private anonymous memory in the tracee for
-// syscall arguments and returns its address. UnmapScratch removes it.
+// syscall arguments and returns its address. UnmapScratch removes it. It
+// is executable too, so that part of it can be the area of Batch.
 //
 // Precondition: called on the Tracer thread.
 func (in *Injector) MapScratch(size uint64) (uint64, error) {
-	addr, err := in.Syscall(sys.SYS_MMAP, 0, size, sys.PROT_READ|sys.PROT_WRITE,
+	addr, err := in.Syscall(sys.SYS_MMAP, 0, size, sys.PROT_READ|sys.PROT_WRITE|sys.PROT_EXEC,
 		sys.MAP_PRIVATE|sys.MAP_ANONYMOUS, ^uint64(0), 0)
 	if err != nil {
 		return 0, fmt.Errorf("map scratch memory in %d: %w", in.Tid, err)

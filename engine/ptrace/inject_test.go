@@ -17,7 +17,7 @@ import (
 )
 
 // startStub starts a stub and arranges for it to be killed and reaped.
-func startStub(t *testing.T, tr *ptrace.Tracer) *stub.Process {
+func startStub(t testing.TB, tr *ptrace.Tracer) *stub.Process {
 	t.Helper()
 	p, err := stub.Start([3]*os.File{})
 	if err != nil {
@@ -33,7 +33,7 @@ func startStub(t *testing.T, tr *ptrace.Tracer) *stub.Process {
 	return p
 }
 
-func vdsoGadget(t *testing.T, pid int) uint64 {
+func vdsoGadget(t testing.TB, pid int) uint64 {
 	t.Helper()
 	ms, err := proc.ReadMaps(pid)
 	if err != nil {
@@ -198,4 +198,164 @@ func TestFreezeTimesOutOnUninterruptibleThread(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Errorf("process left traced after the tracer closed:\n%s", st)
+}
+
+// BenchmarkInjectSyscall measures one system call injected into a stopped
+// process: the unit cost of every restore step.
+func BenchmarkInjectSyscall(b *testing.B) {
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	p := startStub(b, tr)
+	g := vdsoGadget(b, p.Pid)
+	err := tr.Do(func() error {
+		f, err := ptrace.Freeze(p.Pid)
+		if err != nil {
+			return err
+		}
+		in, err := ptrace.NewInjector(p.Pid, g)
+		if err != nil {
+			return err
+		}
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			if _, err := in.Syscall(sys.SYS_GETPID); err != nil {
+				return err
+			}
+		}
+		b.StopTimer()
+		if err := in.Close(); err != nil {
+			return err
+		}
+		return f.Resume(g)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+}
+
+// TestBatch runs several calls with one stop: results come back in order,
+// the first failing call stops the batch and is named, and the thread's
+// registers and SIGTRAP disposition are as before.
+func TestBatch(t *testing.T) {
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	p := startStub(t, tr)
+	g := vdsoGadget(t, p.Pid)
+	err := tr.Do(func() error {
+		f, err := ptrace.Freeze(p.Pid)
+		if err != nil {
+			return err
+		}
+		var before sys.Regs
+		if err := sys.PtraceGetRegs(p.Pid, &before); err != nil {
+			return err
+		}
+		in, err := ptrace.NewInjector(p.Pid, g)
+		if err != nil {
+			return err
+		}
+		area, err := in.Syscall(sys.SYS_MMAP, 0, 8192, sys.PROT_READ|sys.PROT_WRITE|sys.PROT_EXEC,
+			sys.MAP_PRIVATE|sys.MAP_ANONYMOUS, ^uint64(0), 0)
+		if err != nil {
+			return err
+		}
+		in.UseBatchArea(area, 8192)
+		// More calls than one table holds: the batch goes in chunks.
+		calls := make([]ptrace.Call, 300)
+		for i := range calls {
+			calls[i] = ptrace.Call{Nr: sys.SYS_GETPID}
+		}
+		calls[7] = ptrace.Call{Nr: sys.SYS_GETPPID}
+		res, err := in.Batch(calls)
+		if err != nil {
+			return err
+		}
+		if len(res) != len(calls) || int(res[0]) != p.Pid || int(res[299]) != p.Pid || int(res[7]) != os.Getpid() {
+			t.Errorf("batch results: %d of them, [0]=%d [7]=%d [299]=%d; want pid %d, ppid %d",
+				len(res), res[0], res[7], res[299], p.Pid, os.Getpid())
+		}
+		// A failing call ends the batch; the calls after it do not run.
+		res, err = in.Batch([]ptrace.Call{
+			{Nr: sys.SYS_GETPID},
+			{Nr: sys.SYS_CLOSE, Args: [6]uint64{12345}},
+			{Nr: sys.SYS_MUNMAP, Args: [6]uint64{area, 8192}},
+		})
+		if !errors.Is(err, sys.Errno(9)) || !strings.Contains(err.Error(), "call 1 ") || len(res) != 1 {
+			t.Errorf("batch with a failing call: %v (results %v), want EBADF at call 1", err, res)
+		}
+		if _, err := in.Syscall(sys.SYS_MUNMAP, area, 8192); err != nil {
+			return err
+		}
+		if err := in.Close(); err != nil {
+			return err
+		}
+		var after sys.Regs
+		if err := sys.PtraceGetRegs(p.Pid, &after); err != nil {
+			return err
+		}
+		// Close applies the restart of the interrupted pause().
+		before = ptrace.RestartRegs(before, true)
+		if after.Rip != before.Rip || after.Rsp != before.Rsp || after.Rbx != before.Rbx || after.R12 != before.R12 {
+			t.Errorf("registers after the batch: rip %#x rsp %#x rbx %#x r12 %#x, before %#x %#x %#x %#x",
+				after.Rip, after.Rsp, after.Rbx, after.R12, before.Rip, before.Rsp, before.Rbx, before.R12)
+		}
+		return f.Resume(g)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.WaitPaused(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// The trap that ends a batch is never delivered: the stub did not die
+	// of SIGTRAP and its disposition is still the default.
+	st, err := proc.ReadStatus(p.Pid, p.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.SigCgt&(1<<(sys.SIGTRAP-1)) != 0 || st.SigIgn&(1<<(sys.SIGTRAP-1)) != 0 {
+		t.Errorf("SIGTRAP disposition changed: caught %#x ignored %#x", st.SigCgt, st.SigIgn)
+	}
+}
+
+// BenchmarkInjectBatch measures system calls injected as a Batch, per call.
+func BenchmarkInjectBatch(b *testing.B) {
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	p := startStub(b, tr)
+	g := vdsoGadget(b, p.Pid)
+	err := tr.Do(func() error {
+		f, err := ptrace.Freeze(p.Pid)
+		if err != nil {
+			return err
+		}
+		in, err := ptrace.NewInjector(p.Pid, g)
+		if err != nil {
+			return err
+		}
+		area, err := in.Syscall(sys.SYS_MMAP, 0, 8192, sys.PROT_READ|sys.PROT_WRITE|sys.PROT_EXEC,
+			sys.MAP_PRIVATE|sys.MAP_ANONYMOUS, ^uint64(0), 0)
+		if err != nil {
+			return err
+		}
+		in.UseBatchArea(area, 8192)
+		calls := make([]ptrace.Call, 64)
+		for i := range calls {
+			calls[i] = ptrace.Call{Nr: sys.SYS_GETPID}
+		}
+		b.ResetTimer()
+		for i := 0; i < b.N; i += len(calls) {
+			if _, err := in.Batch(calls); err != nil {
+				return err
+			}
+		}
+		b.StopTimer()
+		if err := in.Close(); err != nil {
+			return err
+		}
+		return f.Resume(g)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
 }

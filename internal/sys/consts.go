@@ -21,6 +21,7 @@ const (
 	SYS_DUP3              = unix.SYS_DUP3
 	SYS_PAUSE             = unix.SYS_PAUSE
 	SYS_GETPID            = unix.SYS_GETPID
+	SYS_GETPPID           = unix.SYS_GETPPID
 	SYS_GETTID            = unix.SYS_GETTID
 	SYS_EXIT              = unix.SYS_EXIT
 	SYS_EXIT_GROUP        = unix.SYS_EXIT_GROUP

@@ -1,0 +1,160 @@
+package ptrace
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"github.com/phaul/phaul/internal/sys"
+)
+
+// Call is one system call of a Batch.
+type Call struct {
+	Nr   uint64
+	Args [6]uint64
+}
+
+// batchCode runs the calls of a table, in order, in the tracee and traps
+// after the last one or at the first that fails. On entry rbx points at the
+// table and r12 holds the number of entries; each entry is eight words:
+// the call number, six arguments, and the slot its result is stored in.
+// Only rax, rcx, r11 (the system call's) and the argument registers, rbx
+// and r12 change; no stack is used.
+var batchCode = []byte{
+	0x4d, 0x85, 0xe4, // loop: test r12, r12
+	0x74, 0x32, //        je done
+	0x48, 0x8b, 0x03, //  mov rax, [rbx]
+	0x48, 0x8b, 0x7b, 0x08, // mov rdi, [rbx+8]
+	0x48, 0x8b, 0x73, 0x10, // mov rsi, [rbx+16]
+	0x48, 0x8b, 0x53, 0x18, // mov rdx, [rbx+24]
+	0x4c, 0x8b, 0x53, 0x20, // mov r10, [rbx+32]
+	0x4c, 0x8b, 0x43, 0x28, // mov r8, [rbx+40]
+	0x4c, 0x8b, 0x4b, 0x30, // mov r9, [rbx+48]
+	0x0f, 0x05, //        syscall
+	0x48, 0x89, 0x43, 0x38, // mov [rbx+56], rax
+	0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, // cmp rax, -4095
+	0x73, 0x09, //        jae done
+	0x48, 0x83, 0xc3, 0x40, // add rbx, 64
+	0x49, 0xff, 0xcc, //  dec r12
+	0xeb, 0xc9, //        jmp loop
+	0xcc, //              done: int3
+}
+
+const (
+	batchEntry = 64 // bytes per table entry
+	batchTable = 64 // offset of the table in the batch area (after the code)
+)
+
+// UseBatchArea declares size bytes of tracee memory at addr, mapped
+// readable, writable and executable, as the place Batch writes its code
+// and table to. Threads of one process may share it: a batch runs in one
+// thread at a time.
+func (in *Injector) UseBatchArea(addr, size uint64) { in.batch, in.batchSize = addr, size }
+
+// Batch runs calls in the tracee with one stop for all of them instead of
+// two per call, and returns their results. It stops at the first call
+// that fails and returns the results before it with an error naming the
+// failed call (a sys.Errno inside). Processes or threads the calls create
+// are reported in Children, as with Syscall.
+//
+// The trap that ends a batch resets a SIGTRAP disposition of SIG_IGN to
+// SIG_DFL (the kernel does so for a forced signal): a caller restoring
+// that disposition sets it after its last batch.
+//
+// Precondition: called on the Tracer thread, with a batch area declared.
+func (in *Injector) Batch(calls []Call) ([]uint64, error) {
+	if in.batch == 0 {
+		return nil, fmt.Errorf("batch in %d: no batch area", in.Tid)
+	}
+	max := int((in.batchSize - batchTable) / batchEntry)
+	out := make([]uint64, 0, len(calls))
+	in.Children = in.Children[:0]
+	for len(calls) > 0 {
+		n := min(len(calls), max)
+		res, err := in.batchOnce(calls[:n])
+		out = append(out, res...)
+		if err != nil {
+			return out, err
+		}
+		calls = calls[n:]
+	}
+	return out, nil
+}
+
+func (in *Injector) batchOnce(calls []Call) ([]uint64, error) {
+	buf := make([]byte, batchTable+batchEntry*len(calls))
+	copy(buf, batchCode)
+	for i, c := range calls {
+		e := buf[batchTable+batchEntry*i:]
+		binary.LittleEndian.PutUint64(e, c.Nr)
+		for j, a := range c.Args {
+			binary.LittleEndian.PutUint64(e[8+8*j:], a)
+		}
+		binary.LittleEndian.PutUint64(e[56:], ^uint64(0))
+	}
+	if err := in.WriteMemory(in.batch, buf); err != nil {
+		return nil, fmt.Errorf("batch in %d: %w", in.Tid, err)
+	}
+	r := in.saved
+	r.Rip = in.batch
+	r.Orig_rax = ^uint64(0)
+	r.Rbx = in.batch + batchTable
+	r.R12 = uint64(len(calls))
+	r.Eflags &^= 1 << 8 // no single-stepping
+	if err := sys.PtraceSetRegs(in.Tid, &r); err != nil {
+		return nil, fmt.Errorf("batch in %d: set regs: %w", in.Tid, err)
+	}
+	trap := in.batch + uint64(len(batchCode))
+	for {
+		if err := sys.PtraceCont(in.Tid, 0); err != nil {
+			return nil, fmt.Errorf("batch in %d: %w", in.Tid, err)
+		}
+		st, err := Wait(in.Tid)
+		if err != nil {
+			return nil, fmt.Errorf("batch in %d: %w", in.Tid, err)
+		}
+		if st.Exited() {
+			return nil, fmt.Errorf("batch in %d: thread %s: %w", in.Tid, st, ErrProcessGone)
+		}
+		switch st.Event() {
+		case sys.PTRACE_EVENT_CLONE, sys.PTRACE_EVENT_FORK, sys.PTRACE_EVENT_VFORK:
+			msg, err := sys.PtraceGetEventMsg(in.Tid)
+			if err != nil {
+				return nil, fmt.Errorf("batch in %d: event message: %w", in.Tid, err)
+			}
+			in.Children = append(in.Children, int(msg))
+			continue
+		case sys.PTRACE_EVENT_STOP:
+			continue
+		}
+		if !st.IsSignalDelivery() {
+			continue
+		}
+		var got sys.Regs
+		if err := sys.PtraceGetRegs(in.Tid, &got); err != nil {
+			return nil, fmt.Errorf("batch in %d: %w", in.Tid, err)
+		}
+		if st.Signal() != int(sys.SIGTRAP) || got.Rip != trap {
+			return nil, fmt.Errorf("batch in %d: signal %d at rip %#x during injection", in.Tid, st.Signal(), got.Rip)
+		}
+		// The trap is taken: the SIGTRAP is never delivered (the next
+		// resume passes no signal).
+		left := int(got.R12)
+		done := len(calls) - left
+		res := make([]byte, batchEntry*len(calls))
+		if err := in.ReadMemory(in.batch+batchTable, res); err != nil {
+			return nil, fmt.Errorf("batch in %d: %w", in.Tid, err)
+		}
+		out := make([]uint64, done)
+		for i := range out {
+			out[i] = binary.LittleEndian.Uint64(res[batchEntry*i+56:])
+		}
+		if left > 0 {
+			c := calls[done]
+			if ret := int64(got.Rax); ret < 0 && ret >= -4095 {
+				return out, fmt.Errorf("call %d of the batch (syscall %d): %w", done, c.Nr, sys.Errno(-ret))
+			}
+			return out, fmt.Errorf("batch in %d: stopped at call %d with %#x", in.Tid, done, got.Rax)
+		}
+		return out, nil
+	}
+}
