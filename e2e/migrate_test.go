@@ -114,6 +114,7 @@ type migrateResult struct {
 		Round int    `json:"round"`
 		Pages uint64 `json:"pages_sent"`
 	} `json:"per_round"`
+	Phases map[string]float64 `json:"downtime_phases"`
 }
 
 // TestMigrateAcrossHosts moves the built-in workload (64 MiB, 1000 pages/s
@@ -136,13 +137,12 @@ func TestMigrateAcrossHosts(t *testing.T) {
 	}
 	_, mark := waitLog(t, wlLog, "CHECK seq=1 OK", 0)
 
-	out, err := src.Command(ctx, phaul, "migrate", "--to", tgt.Addr+":7070", "--insecure", "--json", strconv.Itoa(pid)).Output()
+	mc := src.Command(ctx, phaul, "migrate", "--to", tgt.Addr+":7070", "--insecure", "--json", "-vv", strconv.Itoa(pid))
+	var stderrBuf strings.Builder
+	mc.Stderr = &stderrBuf
+	out, err := mc.Output()
 	if err != nil {
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			t.Fatalf("migrate: %v\n%s\nserve log:\n%s", err, ee.Stderr, readTail(serveLog))
-		}
-		t.Fatal(err)
+		t.Fatalf("migrate: %v\n%s\nserve log:\n%s", err, stderrBuf.String(), readTail(serveLog))
 	}
 	var res migrateResult
 	if err := json.Unmarshal(out, &res); err != nil {
@@ -152,7 +152,18 @@ func TestMigrateAcrossHosts(t *testing.T) {
 		len(res.PerRound) != res.Rounds || res.PerRound[0].Pages < 16384 {
 		t.Errorf("migrate result: %+v", res)
 	}
-	t.Logf("downtime %.1f ms, total %.0f ms, %d rounds, %d bytes on the wire", res.DowntimeMS, res.TotalMS, res.Rounds, res.BytesSent)
+	// The phases split the downtime.
+	var sum float64
+	for name, v := range res.Phases {
+		if v < 0 {
+			t.Errorf("downtime phase %s: %.3f ms", name, v)
+		}
+		sum += v
+	}
+	if len(res.Phases) != 5 || sum > res.DowntimeMS || sum < res.DowntimeMS/2 {
+		t.Errorf("downtime phases %v add up to %.1f ms of the %.1f ms downtime", res.Phases, sum, res.DowntimeMS)
+	}
+	t.Logf("downtime %.1f ms %v, total %.0f ms, %d rounds, %d bytes on the wire", res.DowntimeMS, res.Phases, res.TotalMS, res.Rounds, res.BytesSent)
 
 	// The original is gone here...
 	deadline := time.Now().Add(10 * time.Second)

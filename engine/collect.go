@@ -18,8 +18,16 @@ import (
 // CPU's XCR0 needs: 2440 bytes here, at most a few KiB with AMX).
 const maxXstate = 16 << 10
 
-// scratchSize is the tracee memory mapped for injected syscall arguments.
-const scratchSize = 4 * 4096
+// The tracee memory mapped for injected calls: their results below
+// collectBatch, the code and table of batches above.
+const (
+	scratchSize  = 16 * 4096
+	collectBatch = 8 * 4096
+	// Offsets of the results.
+	outSigactions = 0    // 32 bytes per signal
+	outItimers    = 2048 // 32 bytes per timer
+	outThread     = 4096 // clear-child-tid address, then stack_t
+)
 
 // collector gathers the state of one frozen process.
 type collector struct {
@@ -29,6 +37,24 @@ type collector struct {
 	maps   []proc.Mapping
 	stat   *proc.Stat
 	status *proc.Status
+	// tracked: write tracking is still registered on the mappings (it
+	// goes away with the process, or is removed before it resumes).
+	tracked bool
+	vmas    []*imagepb.VMA // maps as image VMAs
+}
+
+// readMaps reads the process's mappings, refusing what cannot be restored.
+func (c *collector) readMaps() error {
+	maps, err := proc.ReadSmaps(c.pid)
+	if err != nil {
+		return err
+	}
+	vmas, err := convertVMAs(maps, c.tracked)
+	if err != nil {
+		return err
+	}
+	c.maps, c.vmas = maps, vmas
+	return nil
 }
 
 // findVDSO returns the [vdso] mapping, or nil.
@@ -138,9 +164,7 @@ func (c *collector) process() (*imagepb.Process, error) {
 	if v := findMapping(c.maps, "[vvar]"); v != nil {
 		p.Mm.Vvar = v.Start
 	}
-	if p.Vmas, err = vmas(c.maps); err != nil {
-		return nil, err
-	}
+	p.Vmas = c.vmas
 
 	// Per-thread state readable through ptrace.
 	for _, tid := range c.frozen.Tids {
@@ -253,23 +277,36 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 		err = errors.Join(err, main.UnmapScratch())
 	}()
 
-	if p.Mm.Brk, err = main.Syscall(sys.SYS_BRK, 0); err != nil {
-		return fmt.Errorf("brk of %d: %w", c.pid, err)
-	}
-	// Signal dispositions: every signal that is caught or ignored, and
-	// SIGCHLD (whose flags matter even at the default disposition).
+	main.UseBatchArea(scratch+collectBatch, scratchSize-collectBatch)
+
+	// One batch: brk, the signal dispositions (every signal that is caught
+	// or ignored, and SIGCHLD, whose flags matter even at the default
+	// disposition), the interval timers.
+	calls := []ptrace.Call{{Nr: sys.SYS_BRK}}
 	interesting := c.status.SigCgt | c.status.SigIgn | 1<<(uint(sys.SIGCHLD)-1)
-	sa := make([]byte, 32)
+	var sigs []int
 	for sig := 1; sig <= 64; sig++ {
 		if interesting&(1<<uint(sig-1)) == 0 || sig == int(sys.SIGKILL) || sig == int(sys.SIGSTOP) {
 			continue
 		}
-		if _, err := main.Syscall(sys.SYS_RT_SIGACTION, uint64(sig), 0, scratch, 8); err != nil {
-			return fmt.Errorf("signal %d disposition of %d: %w", sig, c.pid, err)
-		}
-		if err := main.ReadMemory(scratch, sa); err != nil {
-			return err
-		}
+		sigs = append(sigs, sig)
+		calls = append(calls, ptrace.Call{Nr: sys.SYS_RT_SIGACTION,
+			Args: [6]uint64{uint64(sig), 0, scratch + outSigactions + 32*uint64(sig-1), 8}})
+	}
+	for which := uint64(0); which < 3; which++ {
+		calls = append(calls, ptrace.Call{Nr: sys.SYS_GETITIMER, Args: [6]uint64{which, scratch + outItimers + 32*which}})
+	}
+	res, err := main.Batch(calls)
+	if err != nil {
+		return fmt.Errorf("signal handlers, timers and brk of %d: %w", c.pid, err)
+	}
+	p.Mm.Brk = res[0]
+	out := make([]byte, outThread)
+	if err := main.ReadMemory(scratch, out); err != nil {
+		return err
+	}
+	for _, sig := range sigs {
+		sa := out[outSigactions+32*(sig-1):]
 		act := &imagepb.SigAction{
 			Signo:    int32(sig),
 			Handler:  binary.LittleEndian.Uint64(sa[0:]),
@@ -281,15 +318,9 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 			p.Sigactions = append(p.Sigactions, act)
 		}
 	}
-	// Interval timers (struct itimerval: interval then value, as timevals).
-	it := make([]byte, 32)
+	// struct itimerval: interval then value, as timevals.
 	for which := 0; which < 3; which++ {
-		if _, err := main.Syscall(sys.SYS_GETITIMER, uint64(which), scratch); err != nil {
-			return fmt.Errorf("interval timer %d of %d: %w", which, c.pid, err)
-		}
-		if err := main.ReadMemory(scratch, it); err != nil {
-			return err
-		}
+		it := out[outItimers+32*which:]
 		tv := func(o int) int64 {
 			return int64(binary.LittleEndian.Uint64(it[o:]))*1e6 + int64(binary.LittleEndian.Uint64(it[o+8:]))
 		}
@@ -304,8 +335,9 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 			if in, err = ptrace.NewInjector(int(th.Tid), c.gadget); err != nil {
 				return err
 			}
+			in.UseBatchArea(scratch+collectBatch, scratchSize-collectBatch)
 		}
-		err := c.threadInjected(in, th, scratch)
+		err := c.threadInjected(in, th, scratch+outThread)
 		if i > 0 {
 			err = errors.Join(err, in.Close())
 		}
@@ -317,29 +349,27 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 }
 
 // threadInjected collects the clear-child-tid address and the alternate
-// signal stack of one thread.
+// signal stack of one thread, through 32 bytes of scratch at out.
 //
 // Precondition: called on the Tracer thread.
-func (c *collector) threadInjected(in *ptrace.Injector, th *imagepb.Thread, scratch uint64) error {
-	if _, err := in.Syscall(sys.SYS_PRCTL, sys.PR_GET_TID_ADDRESS, scratch); err != nil {
-		return fmt.Errorf("clear-child-tid address of thread %d: %w", th.Tid, err)
+func (c *collector) threadInjected(in *ptrace.Injector, th *imagepb.Thread, out uint64) error {
+	_, err := in.Batch([]ptrace.Call{
+		{Nr: sys.SYS_PRCTL, Args: [6]uint64{sys.PR_GET_TID_ADDRESS, out}},
+		{Nr: sys.SYS_SIGALTSTACK, Args: [6]uint64{0, out + 8}},
+	})
+	if err != nil {
+		return fmt.Errorf("clear-child-tid address and alternate signal stack of thread %d: %w", th.Tid, err)
 	}
-	b := make([]byte, 24)
-	if err := in.ReadMemory(scratch, b[:8]); err != nil {
+	b := make([]byte, 32)
+	if err := in.ReadMemory(out, b); err != nil {
 		return err
 	}
 	th.ClearChildTid = binary.LittleEndian.Uint64(b)
-	if _, err := in.Syscall(sys.SYS_SIGALTSTACK, 0, scratch); err != nil {
-		return fmt.Errorf("alternate signal stack of thread %d: %w", th.Tid, err)
-	}
-	if err := in.ReadMemory(scratch, b); err != nil {
-		return err
-	}
 	// stack_t: void *ss_sp; int ss_flags; size_t ss_size.
 	th.Altstack = &imagepb.SigAltStack{
-		Sp:    binary.LittleEndian.Uint64(b[0:]),
-		Flags: int32(binary.LittleEndian.Uint32(b[8:])),
-		Size:  binary.LittleEndian.Uint64(b[16:]),
+		Sp:    binary.LittleEndian.Uint64(b[8:]),
+		Flags: int32(binary.LittleEndian.Uint32(b[16:])),
+		Size:  binary.LittleEndian.Uint64(b[24:]),
 	}
 	return nil
 }

@@ -88,7 +88,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	fopt := FreezeOptions{Pid: opt.Pid, ShellJob: opt.ShellJob, Logger: log}
 	if par != nil {
 		fopt.TrackerDir = par.dir
-		fopt.LastRound = func(ctx context.Context, t tracker.Tracker) error {
+		fopt.LastRound = func(ctx context.Context, t tracker.Tracker, _ []*imagepb.VMA) error {
 			if t == nil {
 				return nil // untracked parent: every page is saved
 			}

@@ -26,7 +26,10 @@ const oCloexec = 0o2000000
 // fileTable collects the open descriptors of a process.
 type fileTable struct {
 	shellJob bool
-	table    imagepb.FileTable
+	// skip is a descriptor of phaul's own in the process (the tracker's
+	// userfaultfd), left out of the table; -1 for none.
+	skip  int
+	table imagepb.FileTable
 }
 
 // dumpFDs describes every descriptor of pid, refusing the kinds phaul cannot
@@ -46,6 +49,9 @@ func (ft *fileTable) dumpFDs(pid int) ([]*imagepb.FD, error) {
 	}
 	seen := map[ident][]*imagepb.FD{}
 	for _, fd := range fds {
+		if fd == ft.skip {
+			continue
+		}
 		f, cloexec, err := ft.describe(pid, fd)
 		if err != nil {
 			return nil, err
@@ -196,17 +202,6 @@ func (ft *fileTable) describe(pid, fd int) (*imagepb.File, bool, error) {
 		}
 		f.Kind, f.Epoll = imagepb.FileKind_FILE_EPOLL, ep
 		return f, cloexec, nil
-	}
-	if strings.HasPrefix(link, "pipe:[") {
-		st, err := os.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, fd))
-		if err != nil {
-			return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
-		}
-		f.Kind = imagepb.FileKind_FILE_PIPE
-		f.Inode = st.Sys().(*syscall.Stat_t).Ino
-		f.Dev = st.Sys().(*syscall.Stat_t).Dev
-		f.Pipe = &imagepb.Pipe{PipeId: f.Inode}
-		return f, cloexec, nil
 	case "anon_inode:[timerfd]":
 		t, err := timerfdState(pid, fd, info)
 		if err != nil {
@@ -227,6 +222,17 @@ func (ft *fileTable) describe(pid, fd int) (*imagepb.File, bool, error) {
 			return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
 		}
 		f.Kind, f.Inotify = imagepb.FileKind_FILE_INOTIFY, n
+		return f, cloexec, nil
+	}
+	if strings.HasPrefix(link, "pipe:[") {
+		st, err := os.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, fd))
+		if err != nil {
+			return nil, false, fmt.Errorf("descriptor %d of %d: %w", fd, pid, err)
+		}
+		f.Kind = imagepb.FileKind_FILE_PIPE
+		f.Inode = st.Sys().(*syscall.Stat_t).Ino
+		f.Dev = st.Sys().(*syscall.Stat_t).Dev
+		f.Pipe = &imagepb.Pipe{PipeId: f.Inode}
 		return f, cloexec, nil
 	}
 	if !strings.HasPrefix(link, "/") {

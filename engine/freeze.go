@@ -22,12 +22,17 @@ type FreezeOptions struct {
 	// TrackerDir holds tracking state parked by earlier rounds
 	// (tracker.Tracker.Park); empty when the process was not tracked.
 	TrackerDir string
-	// LastRound, when set, runs on the frozen process before its state is
-	// collected, with the tracker resumed from TrackerDir (nil when there
-	// was none): the final round of a pre-copy, exact because nothing
-	// runs. It runs on the tracer thread. Tracking is removed from the
-	// process after it returns.
-	LastRound func(ctx context.Context, t tracker.Tracker) error
+	// LastRound, when set, runs on the frozen process before the rest of
+	// its state is collected, with the tracker resumed from TrackerDir (nil
+	// when there was none) and the process's mappings: the final round of
+	// a pre-copy, exact because nothing runs. It runs on the tracer thread. Tracking is removed from the
+	// process after it returns, unless KeepTracking.
+	LastRound func(ctx context.Context, t tracker.Tracker, vmas []*imagepb.VMA) error
+	// KeepTracking leaves tracking registered in the process while it is
+	// frozen, for a caller that reads no memory after the last round
+	// (removing it walks every page table: time in the downtime). Resume
+	// removes it; Kill lets it go with the process.
+	KeepTracking bool
 	// Logger receives progress; nil discards it.
 	Logger *slog.Logger
 }
@@ -43,9 +48,10 @@ type Frozen struct {
 	// At is when every thread was stopped.
 	At time.Time
 
-	tr   *ptrace.Tracer
-	c    *collector
-	done bool
+	tr      *ptrace.Tracer
+	c       *collector
+	tracker tracker.Tracker // still registered in the process; nil if none
+	done    bool
 }
 
 // Freeze stops every thread of a process and collects its state except
@@ -65,23 +71,51 @@ func Freeze(ctx context.Context, opt FreezeOptions) (*Frozen, error) {
 	fz := &Frozen{Pid: opt.Pid, tr: ptrace.NewTracer(), c: &collector{pid: opt.Pid, status: status}}
 	c := fz.c
 	var p *imagepb.Process
+	t0 := time.Now()
+	var timing []any
 	err = fz.tr.Do(func() error {
 		f, err := ptrace.Freeze(opt.Pid)
 		if err != nil {
 			return err
 		}
 		fz.At = time.Now()
+		timing = append(timing, "stop", fz.At.Sub(t0))
 		c.frozen = f
-		if opt.TrackerDir != "" || opt.LastRound != nil {
-			// Before mappings and descriptors are collected: tracking leaves
-			// registered mappings and a descriptor behind.
-			if err := lastRound(ctx, f, opt, log); err != nil {
+		// Tracking is resumed before mappings and descriptors are
+		// collected: it registers mappings and keeps a descriptor.
+		var t tracker.Tracker
+		if opt.TrackerDir != "" {
+			t1 := time.Now()
+			if t, err = resumeTracking(ctx, f, opt, log); err != nil {
 				return err
 			}
+			timing = append(timing, "tracker_resume", time.Since(t1))
 		}
-		if c.maps, err = proc.ReadSmaps(opt.Pid); err != nil {
+		fz.tracker, c.tracked = t, t != nil // from here Resume removes it
+		t1 := time.Now()
+		if err := c.readMaps(); err != nil {
 			return err
 		}
+		timing = append(timing, "maps", time.Since(t1))
+		if opt.LastRound != nil {
+			t1 = time.Now()
+			if err := opt.LastRound(ctx, t, c.vmas); err != nil {
+				return err
+			}
+			timing = append(timing, "last_round", time.Since(t1))
+		}
+		if t != nil && !opt.KeepTracking {
+			t1 = time.Now()
+			fz.tracker, c.tracked = nil, false
+			if err := t.Stop(); err != nil {
+				return err
+			}
+			if err := c.readMaps(); err != nil {
+				return err
+			}
+			timing = append(timing, "tracker_stop", time.Since(t1))
+		}
+		t1 = time.Now()
 		if c.stat, err = proc.ReadStat(opt.Pid); err != nil {
 			return err
 		}
@@ -91,14 +125,20 @@ func Freeze(ctx context.Context, opt FreezeOptions) (*Frozen, error) {
 			}
 		}
 		p, err = c.process()
+		timing = append(timing, "threads", time.Since(t1))
 		return err
 	})
 	if err == nil {
 		err = ctx.Err()
 	}
-	ft := &fileTable{shellJob: opt.ShellJob}
+	ft := &fileTable{shellJob: opt.ShellJob, skip: -1}
+	if fz.tracker != nil {
+		ft.skip = fz.tracker.ProcessFD()
+	}
 	if err == nil {
+		t1 := time.Now()
 		p.Fds, err = ft.dumpFDs(opt.Pid)
+		timing = append(timing, "fds", time.Since(t1))
 	}
 	if err != nil {
 		if rerr := fz.Resume(); rerr != nil {
@@ -106,7 +146,7 @@ func Freeze(ctx context.Context, opt FreezeOptions) (*Frozen, error) {
 		}
 		return nil, fmt.Errorf("freeze %d: %w", opt.Pid, err)
 	}
-	log.Debug("frozen and collected", "threads", len(c.frozen.Tids), "vmas", len(c.maps), "since_freeze", time.Since(fz.At))
+	log.Debug("frozen and collected", append([]any{"threads", len(c.frozen.Tids), "vmas", len(c.maps), "since_freeze", time.Since(fz.At)}, timing...)...)
 	fz.State = State{
 		Process: p,
 		Files:   &ft.table,
@@ -118,32 +158,18 @@ func Freeze(ctx context.Context, opt FreezeOptions) (*Frozen, error) {
 	return fz, nil
 }
 
-// lastRound resumes parked tracking on the frozen process, lets the caller
-// run the final round, and removes tracking from the process.
+// resumeTracking takes up the tracking parked in opt.TrackerDir on the
+// frozen process; nil when there is no state to take up.
 //
 // Precondition: called on the Tracer thread, with the process frozen as f.
-func lastRound(ctx context.Context, f *ptrace.Frozen, opt FreezeOptions, log *slog.Logger) error {
-	var t tracker.Tracker
-	if opt.TrackerDir != "" {
-		ctl := tracker.StoppedControl(f.Pid, f.Tids[0], 0)
-		var err error
-		t, err = tracker.Resume(ctx, f.Pid, opt.TrackerDir, tracker.Options{Control: ctl, Logger: log})
-		if errors.Is(err, tracker.ErrNoState) {
-			log.Warn("no tracking state: every page counts as written", "dir", opt.TrackerDir)
-			t, err = nil, nil
-		}
-		if err != nil {
-			return err
-		}
+func resumeTracking(ctx context.Context, f *ptrace.Frozen, opt FreezeOptions, log *slog.Logger) (tracker.Tracker, error) {
+	ctl := tracker.StoppedControl(f.Pid, f.Tids[0], 0)
+	t, err := tracker.Resume(ctx, f.Pid, opt.TrackerDir, tracker.Options{Control: ctl, Logger: log})
+	if errors.Is(err, tracker.ErrNoState) {
+		log.Warn("no tracking state: every page counts as written", "dir", opt.TrackerDir)
+		return nil, nil
 	}
-	var err error
-	if opt.LastRound != nil {
-		err = opt.LastRound(ctx, t)
-	}
-	if t != nil {
-		err = errors.Join(err, t.Stop())
-	}
-	return err
+	return t, err
 }
 
 // Resume lets the process run again as it was (signals taken off it while
@@ -157,7 +183,14 @@ func (f *Frozen) Resume() error {
 	if f.c.frozen == nil {
 		return nil
 	}
-	return f.tr.Do(func() error { return f.c.frozen.Resume(f.c.gadget) })
+	return f.tr.Do(func() error {
+		var err error
+		if f.tracker != nil {
+			err = f.tracker.Stop()
+			f.tracker = nil
+		}
+		return errors.Join(err, f.c.frozen.Resume(f.c.gadget))
+	})
 }
 
 // Kill kills the process and waits until its threads are gone.
@@ -167,7 +200,15 @@ func (f *Frozen) Kill() error {
 	}
 	f.done = true
 	defer f.tr.Close()
-	return f.tr.Do(func() error { return f.c.frozen.Kill() })
+	return f.tr.Do(func() error {
+		var err error
+		if f.tracker != nil {
+			// The registrations and the parked descriptor die with it.
+			err = f.tracker.Close()
+			f.tracker = nil
+		}
+		return errors.Join(f.c.frozen.Kill(), err)
+	})
 }
 
 // Close resumes the process unless Resume or Kill was called.

@@ -5,8 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/engine/ptrace"
@@ -43,14 +46,17 @@ func (r *restorer) resume() error {
 // Precondition: called on the Tracer thread.
 func (r *restorer) prepare() error {
 	in := r.main
+	t0 := time.Now()
 	// Mappings were made writable for their pages to be written; now give
 	// them their own protection.
+	var prot calls
 	for _, v := range r.vmas {
 		if !isKernelVMA(v.Kind) && widen(v) {
-			if _, err := in.Syscall(sys.SYS_MPROTECT, v.Start, v.End-v.Start, uint64(v.Prot)); err != nil {
-				return fmt.Errorf("mprotect %#x-%#x: %w", v.Start, v.End, err)
-			}
+			prot.add(fmt.Sprintf("mprotect %#x-%#x", v.Start, v.End), sys.SYS_MPROTECT, v.Start, v.End-v.Start, uint64(v.Prot))
 		}
+	}
+	if _, err := prot.run(in); err != nil {
+		return err
 	}
 	steps := []struct {
 		what string
@@ -65,10 +71,17 @@ func (r *restorer) prepare() error {
 		{"main thread", func() error { return r.setThread(in, r.img.Threads[0]) }},
 		{"pending signals", r.queueSignals},
 	}
+	timing := []any{"mprotect", time.Since(t0)}
 	for _, s := range steps {
+		t := time.Now()
 		if err := s.fn(); err != nil {
 			return fmt.Errorf("restore %s: %w", s.what, err)
 		}
+		timing = append(timing, s.what, time.Since(t))
+	}
+	r.log.Debug("prepared", timing...)
+	if err := r.setTrapIgnored(); err != nil {
+		return fmt.Errorf("restore signal handlers: %w", err)
 	}
 	if err := in.UnmapScratch(); err != nil {
 		return err
@@ -273,17 +286,51 @@ func (r *restorer) openFile(f *imagepb.File) (uint64, error) {
 //
 // Precondition: called on the Tracer thread.
 func (r *restorer) setSigactions() error {
-	in := r.main
-	b := make([]byte, 32)
-	for _, a := range r.img.Sigactions {
+	acts := r.img.Sigactions
+	if len(acts) > 64 {
+		return fmt.Errorf("%w: %d signal handlers", ErrBadImage, len(acts))
+	}
+	buf := make([]byte, 32*len(acts))
+	var c calls
+	for i, a := range acts {
+		if a.Signo == int32(sys.SIGTRAP) && a.Handler == sigIgn {
+			continue // setTrapIgnored: after the last batch
+		}
+		b := buf[32*i:]
 		binary.LittleEndian.PutUint64(b[0:], a.Handler)
 		binary.LittleEndian.PutUint64(b[8:], a.Flags)
 		binary.LittleEndian.PutUint64(b[16:], a.Restorer)
 		binary.LittleEndian.PutUint64(b[24:], a.Mask)
-		if err := in.WriteMemory(r.scratch, b); err != nil {
+		c.add(fmt.Sprintf("signal %d", a.Signo), sys.SYS_RT_SIGACTION, uint64(a.Signo), r.scratch+scratchSigactions+uint64(32*i), 0, 8)
+	}
+	if err := r.main.WriteMemory(r.scratch+scratchSigactions, buf); err != nil {
+		return err
+	}
+	_, err := c.run(r.main)
+	return err
+}
+
+// sigIgn is SIG_IGN as a handler address.
+const sigIgn = 1
+
+// setTrapIgnored ignores SIGTRAP if the process did: the trap that ends
+// each batch of injected calls would have reset that disposition.
+//
+// Precondition: called on the Tracer thread, after the last batch.
+func (r *restorer) setTrapIgnored() error {
+	for _, a := range r.img.Sigactions {
+		if a.Signo != int32(sys.SIGTRAP) || a.Handler != sigIgn {
+			continue
+		}
+		b := make([]byte, 32)
+		binary.LittleEndian.PutUint64(b[0:], a.Handler)
+		binary.LittleEndian.PutUint64(b[8:], a.Flags)
+		binary.LittleEndian.PutUint64(b[16:], a.Restorer)
+		binary.LittleEndian.PutUint64(b[24:], a.Mask)
+		if err := r.main.WriteMemory(r.scratch+scratchSigactions, b); err != nil {
 			return err
 		}
-		if _, err := in.Syscall(sys.SYS_RT_SIGACTION, uint64(a.Signo), r.scratch, 0, 8); err != nil {
+		if _, err := r.main.Syscall(sys.SYS_RT_SIGACTION, uint64(a.Signo), r.scratch+scratchSigactions, 0, 8); err != nil {
 			return fmt.Errorf("signal %d: %w", a.Signo, err)
 		}
 	}
@@ -323,29 +370,43 @@ func (r *restorer) setTimers() error {
 const threadFlags = sys.CLONE_VM | sys.CLONE_FS | sys.CLONE_FILES | sys.CLONE_SIGHAND | sys.CLONE_THREAD | sys.CLONE_SYSVSEM
 
 // createThreads clones every thread but the main one with its TID and
-// gives it its state.
+// gives it its state. The clones run as batches from the main thread.
 //
 // Precondition: called on the Tracer thread.
 func (r *restorer) createThreads() error {
 	in := r.main
-	for _, th := range r.img.Threads[1:] {
-		tid := make([]byte, 4)
-		binary.LittleEndian.PutUint32(tid, uint32(th.Tid))
-		if err := errors.Join(in.WriteMemory(r.scratch+256, tid),
-			in.WriteMemory(r.scratch, cloneArgs(threadFlags, 0, r.scratch+256))); err != nil {
+	const perBatch = (scratchBatch - scratchClone) / cloneArgsSize
+	rest := r.img.Threads[1:]
+	for len(rest) > 0 {
+		chunk := rest[:min(len(rest), perBatch)]
+		rest = rest[len(chunk):]
+		buf := make([]byte, cloneArgsSize*len(chunk))
+		var c calls
+		for i, th := range chunk {
+			at := r.scratch + scratchClone + uint64(cloneArgsSize*i)
+			copy(buf[cloneArgsSize*i:], cloneArgs(threadFlags, 0, at+88))
+			binary.LittleEndian.PutUint32(buf[cloneArgsSize*i+88:], uint32(th.Tid))
+			c.add(fmt.Sprintf("clone3 thread %d", th.Tid), sys.SYS_CLONE3, at, 88)
+		}
+		if err := in.WriteMemory(r.scratch+scratchClone, buf); err != nil {
 			return err
 		}
-		got, err := in.Syscall(sys.SYS_CLONE3, r.scratch, 88)
+		res, err := c.run(in)
+		for i, got := range res {
+			if int(got) != int(chunk[i].Tid) {
+				return fmt.Errorf("clone3 gave TID %d, asked for %d", got, chunk[i].Tid)
+			}
+			r.created = append(r.created, int(got))
+		}
 		if err != nil {
 			if errors.Is(err, sys.EEXIST) {
-				return pidFree(int(th.Tid))
+				return pidFree(int(chunk[len(res)].Tid))
 			}
-			return fmt.Errorf("clone3 thread %d: %w", th.Tid, err)
+			return err
 		}
-		if int(got) != int(th.Tid) {
-			return fmt.Errorf("clone3 gave TID %d, asked for %d", got, th.Tid)
-		}
-		r.created = append(r.created, int(th.Tid))
+	}
+	for _, th := range r.img.Threads[1:] {
+		// A new thread starts in a ptrace stop (auto-attached).
 		for {
 			st, err := ptrace.Wait(int(th.Tid))
 			if err != nil {
@@ -361,7 +422,7 @@ func (r *restorer) createThreads() error {
 				return err
 			}
 		}
-		tin, err := ptrace.NewInjector(int(th.Tid), r.gadget)
+		tin, err := r.injector(int(th.Tid))
 		if err != nil {
 			return err
 		}
@@ -376,18 +437,16 @@ func (r *restorer) createThreads() error {
 }
 
 // setThread gives the thread behind in the state of th: clear-child-tid,
-// robust list, alternate stack, rseq, name, extended state; its registers
-// and signal mask are set when the injector closes.
+// robust list, alternate stack, rseq, name, pending signals, credentials,
+// extended state; its registers and signal mask are set when the injector
+// closes.
 //
 // Precondition: called on the Tracer thread.
 func (r *restorer) setThread(in *ptrace.Injector, th *imagepb.Thread) error {
-	if _, err := in.Syscall(sys.SYS_SET_TID_ADDRESS, th.ClearChildTid); err != nil {
-		return fmt.Errorf("set_tid_address: %w", err)
-	}
+	var c calls
+	c.add("set_tid_address", sys.SYS_SET_TID_ADDRESS, th.ClearChildTid)
 	if th.RobustList != 0 {
-		if _, err := in.Syscall(sys.SYS_SET_ROBUST_LIST, th.RobustList, th.RobustListLen); err != nil {
-			return fmt.Errorf("set_robust_list: %w", err)
-		}
+		c.add("set_robust_list", sys.SYS_SET_ROBUST_LIST, th.RobustList, th.RobustListLen)
 	}
 	if as := th.Altstack; as != nil && as.Flags&sys.SS_DISABLE == 0 {
 		b := make([]byte, 24)
@@ -397,9 +456,7 @@ func (r *restorer) setThread(in *ptrace.Injector, th *imagepb.Thread) error {
 		if err := in.WriteMemory(r.scratch+512, b); err != nil {
 			return err
 		}
-		if _, err := in.Syscall(sys.SYS_SIGALTSTACK, r.scratch+512, 0); err != nil {
-			return fmt.Errorf("sigaltstack: %w", err)
-		}
+		c.add("sigaltstack", sys.SYS_SIGALTSTACK, r.scratch+512, 0)
 	}
 	if rs := th.Rseq; rs != nil {
 		// No critical section can be in progress in a frozen thread's
@@ -407,23 +464,29 @@ func (r *restorer) setThread(in *ptrace.Injector, th *imagepb.Thread) error {
 		if err := in.WriteMemory(rs.Pointer+8, make([]byte, 8)); err != nil {
 			return err
 		}
-		if _, err := in.Syscall(sys.SYS_RSEQ, rs.Pointer, uint64(rs.Size), 0, uint64(rs.Signature)); err != nil {
-			return fmt.Errorf("rseq: %w", err)
-		}
+		c.add("rseq", sys.SYS_RSEQ, rs.Pointer, uint64(rs.Size), 0, uint64(rs.Signature))
 	}
 	if err := in.WriteMemory(r.scratch+1024, ptrace.CString(th.Comm)); err != nil {
 		return err
 	}
-	if _, err := in.Syscall(sys.SYS_PRCTL, sys.PR_SET_NAME, r.scratch+1024); err != nil {
-		return fmt.Errorf("thread name: %w", err)
-	}
-	for _, si := range th.Pending {
-		if err := r.queueSignal(in, si, true); err != nil {
+	c.add("thread name", sys.SYS_PRCTL, sys.PR_SET_NAME, r.scratch+1024)
+	if len(th.Pending) > 0 {
+		// Queued by the thread itself, before it drops privileges.
+		if _, err := c.run(in); err != nil {
 			return err
 		}
+		c = calls{}
+		for _, si := range th.Pending {
+			if err := r.queueSignal(in, si, true); err != nil {
+				return err
+			}
+		}
 	}
-	if err := r.setCreds(in); err != nil {
+	if err := r.setCreds(in, &c); err != nil {
 		return fmt.Errorf("credentials: %w", err)
+	}
+	if _, err := c.run(in); err != nil {
+		return err
 	}
 	if len(th.Xstate) > 0 {
 		if err := sys.PtraceSetRegSet(in.Tid, sys.NT_X86_XSTATE, th.Xstate); err != nil {
@@ -583,7 +646,7 @@ func (r *restorer) setFlags(fd uint64, flags uint32) error {
 }
 
 // lastCap is the highest capability number this kernel knows.
-func lastCap() int {
+var lastCap = sync.OnceValue(func() int {
 	b, err := os.ReadFile("/proc/sys/kernel/cap_last_cap")
 	if err != nil {
 		return 40
@@ -593,69 +656,43 @@ func lastCap() int {
 		return 40
 	}
 	return n
+})
+
+// sameCreds reports whether a thread with status st has the credentials c.
+func sameCreds(c *imagepb.Credentials, st *proc.Status) bool {
+	return slices.Equal(c.Uid, st.Uid[:]) && slices.Equal(c.Gid, st.Gid[:]) && slices.Equal(c.Groups, st.Groups) &&
+		c.CapEff == st.CapEff && c.CapPrm == st.CapPrm && c.CapInh == st.CapInh && c.CapBnd == st.CapBnd && c.CapAmb == st.CapAmb
 }
 
-// setCreds gives the thread behind in the process's credentials: groups,
-// gids, uids and capability sets. Credentials are per thread in the
-// kernel, and each thread drops root's privileges only after the
-// privileged steps of its restore are done.
+// setCreds adds to cl the calls that give the thread behind in the
+// process's credentials: groups, gids, uids and capability sets.
+// Credentials are per thread in the kernel, and each thread drops root's
+// privileges only after the privileged steps of its restore are done.
 //
 // Precondition: called on the Tracer thread.
-func (r *restorer) setCreds(in *ptrace.Injector) error {
+func (r *restorer) setCreds(in *ptrace.Injector, cl *calls) error {
 	c := r.img.GetCreds()
 	if c == nil || len(c.Uid) != 4 || len(c.Gid) != 4 {
 		return nil
 	}
-	full := uint64(1)<<uint(lastCap()+1) - 1
-	root := c.Uid[0] == 0 && c.Uid[1] == 0 && c.Uid[2] == 0 && c.Uid[3] == 0 &&
-		c.Gid[0] == 0 && c.Gid[1] == 0 && len(c.Groups) == 0
-	if root && c.CapEff&full == full && c.CapPrm&full == full && c.CapBnd&full == full && c.CapInh == 0 && c.CapAmb == 0 {
-		return nil // what the restorer already has
+	have, err := proc.ReadStatus(r.pid, in.Tid)
+	if err != nil {
+		return err
 	}
-	call := func(what string, nr uint64, args ...uint64) error {
-		if _, err := in.Syscall(nr, args...); err != nil {
-			return fmt.Errorf("%s: %w", what, err)
-		}
-		return nil
+	if sameCreds(c, have) {
+		return nil // what the thread has from the restorer
+	}
+	if len(c.Groups) > 1024 {
+		return fmt.Errorf("%w: %d supplementary groups", ErrBadImage, len(c.Groups))
 	}
 	for capNo := 0; capNo <= lastCap(); capNo++ {
 		if c.CapBnd&(1<<uint(capNo)) == 0 {
-			if err := call("drop capability from bounding set", sys.SYS_PRCTL, sys.PR_CAPBSET_DROP, uint64(capNo)); err != nil {
-				return err
-			}
+			cl.add("drop capability from bounding set", sys.SYS_PRCTL, sys.PR_CAPBSET_DROP, uint64(capNo))
 		}
 	}
 	groups := make([]byte, 4*len(c.Groups))
 	for i, g := range c.Groups {
 		binary.LittleEndian.PutUint32(groups[4*i:], g)
-	}
-	at := r.scratch + 3072
-	if len(groups) > 0 {
-		if len(groups) > 1024 {
-			return fmt.Errorf("%w: %d supplementary groups", ErrBadImage, len(c.Groups))
-		}
-		if err := in.WriteMemory(at, groups); err != nil {
-			return err
-		}
-	}
-	if err := call("setgroups", sys.SYS_SETGROUPS, uint64(len(c.Groups)), at); err != nil {
-		return err
-	}
-	if err := call("setresgid", sys.SYS_SETRESGID, uint64(c.Gid[0]), uint64(c.Gid[1]), uint64(c.Gid[2])); err != nil {
-		return err
-	}
-	if _, err := in.Syscall(sys.SYS_SETFSGID, uint64(c.Gid[3])); err != nil {
-		return fmt.Errorf("setfsgid: %w", err)
-	}
-	// Keep the permitted set across the uid change; capset below trims it.
-	if err := call("keep capabilities", sys.SYS_PRCTL, sys.PR_SET_KEEPCAPS, 1); err != nil {
-		return err
-	}
-	if err := call("setresuid", sys.SYS_SETRESUID, uint64(c.Uid[0]), uint64(c.Uid[1]), uint64(c.Uid[2])); err != nil {
-		return err
-	}
-	if _, err := in.Syscall(sys.SYS_SETFSUID, uint64(c.Uid[3])); err != nil {
-		return fmt.Errorf("setfsuid: %w", err)
 	}
 	hdr := make([]byte, 8+24)
 	binary.LittleEndian.PutUint32(hdr[0:], sys.LINUX_CAPABILITY_VERSION_3)
@@ -663,20 +700,22 @@ func (r *restorer) setCreds(in *ptrace.Injector) error {
 		binary.LittleEndian.PutUint32(hdr[8+4*i:], uint32(set))
 		binary.LittleEndian.PutUint32(hdr[8+12+4*i:], uint32(set>>32))
 	}
-	if err := in.WriteMemory(at, hdr); err != nil {
+	capAt, groupsAt := r.scratch+3072, r.scratch+scratchGroups
+	if err := errors.Join(in.WriteMemory(groupsAt, groups), in.WriteMemory(capAt, hdr)); err != nil {
 		return err
 	}
-	if err := call("capset", sys.SYS_CAPSET, at, at+8); err != nil {
-		return err
-	}
-	if err := call("clear keep-capabilities", sys.SYS_PRCTL, sys.PR_SET_KEEPCAPS, 0); err != nil {
-		return err
-	}
+	cl.add("setgroups", sys.SYS_SETGROUPS, uint64(len(c.Groups)), groupsAt)
+	cl.add("setresgid", sys.SYS_SETRESGID, uint64(c.Gid[0]), uint64(c.Gid[1]), uint64(c.Gid[2]))
+	cl.add("setfsgid", sys.SYS_SETFSGID, uint64(c.Gid[3]))
+	// Keep the permitted set across the uid change; capset below trims it.
+	cl.add("keep capabilities", sys.SYS_PRCTL, sys.PR_SET_KEEPCAPS, 1)
+	cl.add("setresuid", sys.SYS_SETRESUID, uint64(c.Uid[0]), uint64(c.Uid[1]), uint64(c.Uid[2]))
+	cl.add("setfsuid", sys.SYS_SETFSUID, uint64(c.Uid[3]))
+	cl.add("capset", sys.SYS_CAPSET, capAt, capAt+8)
+	cl.add("clear keep-capabilities", sys.SYS_PRCTL, sys.PR_SET_KEEPCAPS, 0)
 	for capNo := 0; capNo <= lastCap(); capNo++ {
 		if c.CapAmb&(1<<uint(capNo)) != 0 {
-			if err := call("raise ambient capability", sys.SYS_PRCTL, sys.PR_CAP_AMBIENT, sys.PR_CAP_AMBIENT_RAISE, uint64(capNo)); err != nil {
-				return err
-			}
+			cl.add("raise ambient capability", sys.SYS_PRCTL, sys.PR_CAP_AMBIENT, sys.PR_CAP_AMBIENT_RAISE, uint64(capNo))
 		}
 	}
 	return nil

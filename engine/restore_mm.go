@@ -12,8 +12,17 @@ import (
 	"github.com/phaul/phaul/protocol/imagepb"
 )
 
-// restoreScratchSize is the restorer's scratch area in the new process.
-const restoreScratchSize = 16 * 4096
+// The restorer's scratch area in the new process: arguments of injected
+// calls below batchArea, the code and table of batches above.
+const (
+	restoreScratchSize = 16 * 4096
+	// Offsets of arguments that batches of calls need side by side.
+	scratchGroups     = 4096  // supplementary groups (4 KiB)
+	scratchSigactions = 8192  // one 32-byte sigaction per signal
+	scratchClone      = 16384 // clone3 arguments and TID, per thread
+	cloneArgsSize     = 96
+	scratchBatch      = 32768 // ptrace.Injector.Batch's area, to the end
+)
 
 // vdsoKinds are the mappings the kernel provides and the restorer moves
 // instead of creating.
@@ -201,7 +210,7 @@ func (r *restorer) placeScratch(vmas []*imagepb.VMA) error {
 	if err != nil {
 		return err
 	}
-	if _, err := in.Syscall(sys.SYS_MMAP, hole, restoreScratchSize, sys.PROT_READ|sys.PROT_WRITE,
+	if _, err := in.Syscall(sys.SYS_MMAP, hole, restoreScratchSize, sys.PROT_READ|sys.PROT_WRITE|sys.PROT_EXEC,
 		sys.MAP_PRIVATE|sys.MAP_ANONYMOUS|sys.MAP_FIXED_NOREPLACE, ^uint64(0), 0); err != nil {
 		return fmt.Errorf("map restorer scratch at %#x: %w", hole, err)
 	}
@@ -212,7 +221,48 @@ func (r *restorer) placeScratch(vmas []*imagepb.VMA) error {
 	}
 	r.scratch = hole
 	in.UseScratch(hole, restoreScratchSize)
+	in.UseBatchArea(hole+scratchBatch, restoreScratchSize-scratchBatch)
 	return nil
+}
+
+// injector prepares thread tid of the new process for injection.
+//
+// Precondition: called on the Tracer thread; tid is in a ptrace stop.
+func (r *restorer) injector(tid int) (*ptrace.Injector, error) {
+	in, err := ptrace.NewInjector(tid, r.gadget)
+	if err != nil {
+		return nil, err
+	}
+	in.UseScratch(r.scratch, restoreScratchSize)
+	in.UseBatchArea(r.scratch+scratchBatch, restoreScratchSize-scratchBatch)
+	return in, nil
+}
+
+// calls is a batch of injected system calls, each named for errors.
+type calls struct {
+	list  []ptrace.Call
+	names []string
+}
+
+func (c *calls) add(name string, nr uint64, args ...uint64) {
+	var a [6]uint64
+	copy(a[:], args)
+	c.list = append(c.list, ptrace.Call{Nr: nr, Args: a})
+	c.names = append(c.names, name)
+}
+
+// run runs the calls in the thread behind in, with one stop for all.
+//
+// Precondition: called on the Tracer thread.
+func (c *calls) run(in *ptrace.Injector) ([]uint64, error) {
+	if len(c.list) == 0 {
+		return nil, nil
+	}
+	res, err := in.Batch(c.list)
+	if err != nil && len(res) < len(c.names) {
+		return res, fmt.Errorf("%s: %w", c.names[len(res)], err)
+	}
+	return res, err
 }
 
 // vmaAt returns the VMA of the current layout that holds addr, or nil.

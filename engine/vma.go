@@ -46,10 +46,6 @@ func Layout(pid int) ([]*imagepb.VMA, error) {
 	return convertVMAs(maps, true)
 }
 
-// vmas converts the process's mappings to image VMAs, refusing what cannot
-// be restored.
-func vmas(maps []proc.Mapping) ([]*imagepb.VMA, error) { return convertVMAs(maps, false) }
-
 // uffdFlags are the VmFlags of mappings registered with userfaultfd.
 var uffdFlags = map[string]bool{"um": true, "uw": true, "ui": true}
 

@@ -124,9 +124,15 @@ func Run(ctx context.Context, t tracker.Tracker, sink Sink, opt Options) (*Resul
 
 	// Pages recorded by the previous round and not written since.
 	keepable := tracker.Intersect(opt.Previous, d.Unchanged())
+	// After the first round, a page outside what was recorded and what
+	// was written since cannot hold anything of the process's own.
+	var within tracker.Ranges
+	if opt.Previous != nil {
+		within = tracker.Union(opt.Previous, d.Dirty)
+	}
 	var ops []op
 	for _, a := range d.Areas {
-		present, err := pm.Present(a)
+		present, err := pm.PresentWithin(a, within)
 		if err != nil {
 			return nil, fmt.Errorf("pre-dump round of %d: %w", pid, err)
 		}

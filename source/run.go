@@ -69,7 +69,25 @@ type Result struct {
 	Tracker    string        `json:"tracker"`
 	PerRound   []RoundReport `json:"per_round"`
 	RestoreMS  float64       `json:"target_restore_ms"`
-	Downtime   time.Duration `json:"-"`
+	// Phases splits the downtime: where the frozen time went.
+	Phases   Phases        `json:"downtime_phases"`
+	Downtime time.Duration `json:"-"`
+}
+
+// Phases are the steps of the downtime window, in milliseconds, in order.
+type Phases struct {
+	// FinalRoundMS is the last pre-copy round, run on the frozen process.
+	FinalRoundMS float64 `json:"final_round_ms"`
+	// CollectMS is reading the frozen process's state (threads, mappings,
+	// descriptors) after the final round.
+	CollectMS float64 `json:"collect_ms"`
+	// StateMS is sending that state to the target.
+	StateMS float64 `json:"state_ms"`
+	// ReadyMS is the target applying it (Restore answered).
+	ReadyMS float64 `json:"ready_ms"`
+	// CommitMS is the commit round trip: the process runs there when it
+	// ends.
+	CommitMS float64 `json:"commit_ms"`
 }
 
 // ErrCommitUnknown reports that the commit request got no answer: the
@@ -159,11 +177,14 @@ func (m *migration) abort(reason string) {
 	}
 }
 
-// beginRound sends the process's current layout for round.
-func (m *migration) beginRound(ctx context.Context, round int) error {
-	vmas, err := engine.Layout(m.cfg.Pid)
-	if err != nil {
-		return fmt.Errorf("layout for round %d: %w", round, err)
+// beginRound sends the process's layout for round: vmas, or when nil the
+// layout read now.
+func (m *migration) beginRound(ctx context.Context, round int, vmas []*imagepb.VMA) error {
+	if vmas == nil {
+		var err error
+		if vmas, err = engine.Layout(m.cfg.Pid); err != nil {
+			return fmt.Errorf("layout for round %d: %w", round, err)
+		}
 	}
 	blob, err := proto.Marshal(&imagepb.Process{Pid: int32(m.cfg.Pid), Vmas: vmas})
 	if err != nil {
@@ -205,7 +226,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		if err := m.beginRound(ctx, round); err != nil {
+		if err := m.beginRound(ctx, round, nil); err != nil {
 			return nil, err
 		}
 		before := sender.Stats()
@@ -259,20 +280,26 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	round++
 	var final *predump.Result
 	var finalStats pagestream.Stats
+	var lastStart, lastEnd time.Time
 	fz, err := engine.Freeze(ctx, engine.FreezeOptions{Pid: cfg.Pid, ShellJob: cfg.ShellJob, TrackerDir: dir, Logger: m.log,
-		LastRound: func(ctx context.Context, t tracker.Tracker) error {
+		KeepTracking: true,
+		LastRound: func(ctx context.Context, t tracker.Tracker, vmas []*imagepb.VMA) error {
 			if t == nil {
 				return errors.New("tracking state lost before the final round")
 			}
-			if err := m.beginRound(ctx, round); err != nil {
+			lastStart = time.Now()
+			defer func() { lastEnd = time.Now() }()
+			if err := m.beginRound(ctx, round, vmas); err != nil {
 				return err
 			}
+			layoutDone := time.Now()
 			before := sender.Stats()
 			r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev})
 			if err != nil {
 				return fmt.Errorf("final round: %w", err)
 			}
 			final, finalStats = r, sender.Stats().Sub(before)
+			m.log.Debug("final round", "layout", layoutDone.Sub(lastStart), "scan", r.Scan, "copy", r.Copy, "pages", r.PagesWritten)
 			return nil
 		}})
 	if err != nil {
@@ -297,6 +324,9 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	if cfg.Progress != nil {
 		cfg.Progress(res.PerRound[len(res.PerRound)-1])
 	}
+	collected := time.Now()
+	res.Phases.FinalRoundMS = ms(lastEnd.Sub(lastStart))
+	res.Phases.CollectMS = ms(collected.Sub(lastEnd))
 	st, err := finalState(fz)
 	if err != nil {
 		return nil, err
@@ -304,13 +334,20 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	if _, err := m.control.Freeze(ctx, &migrationpb.FreezeRequest{MigrationId: m.id, State: st}); err != nil {
 		return nil, fmt.Errorf("final state: target: %w", err)
 	}
+	sent := time.Now()
+	res.Phases.StateMS = ms(sent.Sub(collected))
 	rr, err := m.control.Restore(ctx, &migrationpb.RestoreRequest{MigrationId: m.id})
 	if err != nil {
 		return nil, fmt.Errorf("restore on the target: %w", err)
 	}
+	readyAt := time.Now()
+	res.Phases.ReadyMS = ms(readyAt.Sub(sent))
 	res.RestoreMS = float64(rr.GetRestoreNs()) / 1e6
 	// The commit window: from here an unanswered request leaves the
 	// outcome unknown, and the original must neither run nor die.
+	if err := fz.Hold(); err != nil { // let go from here on (Resume, or phaul dying), it stays stopped
+		return nil, err
+	}
 	cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cr, err := m.control.Commit(cctx, &migrationpb.CommitRequest{MigrationId: m.id})
@@ -326,6 +363,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	}
 	res.Downtime = time.Since(frozenAt)
 	res.DowntimeMS = ms(res.Downtime)
+	res.Phases.CommitMS = ms(time.Since(readyAt))
 	done = true
 	if err := fz.Kill(); err != nil {
 		m.log.Error("kill the original after commit", "err", err)

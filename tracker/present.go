@@ -90,11 +90,36 @@ func (p *Pagemap) Scan(start, end uint64, arg sys.PmScanArg, out []sys.PageRegio
 // own: present or swapped out, and in a private file mapping only those
 // no longer the file's (copied on write). A page of the shared zero page
 // is present: it reads as zeros.
-func (p *Pagemap) Present(a Area) (Ranges, error) {
-	if p.scan {
-		return p.presentScan(a)
+func (p *Pagemap) Present(a Area) (Ranges, error) { return p.PresentWithin(a, nil) }
+
+// PresentWithin is Present asked only of the pages in within (nil: all of
+// a); pages outside it are left out of the answer. A pre-copy round after
+// the first asks only of the pages recorded before and those written since:
+// any other page holds nothing of the process's own, and a large sparse
+// mapping, whose unpopulated pages carry userfaultfd markers the walk must
+// visit, is not walked whole again on every round.
+func (p *Pagemap) PresentWithin(a Area, within Ranges) (Ranges, error) {
+	look := Ranges{a.Range}
+	if within != nil {
+		look = Intersect(look, within)
 	}
-	return p.presentEntries(a)
+	var out Ranges
+	for _, r := range look {
+		var got Ranges
+		var err error
+		if p.scan {
+			got, err = p.presentScan(Area{Range: r, File: a.File})
+		} else {
+			got, err = p.presentEntries(Area{Range: r, File: a.File})
+		}
+		if err != nil {
+			return nil, err
+		}
+		for _, g := range got {
+			out.Add(g.Start, g.End)
+		}
+	}
+	return out, nil
 }
 
 func (p *Pagemap) presentScan(a Area) (Ranges, error) {

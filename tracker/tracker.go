@@ -75,6 +75,9 @@ type Tracker interface {
 	// Close releases what the tracker holds in this process, leaving the
 	// process as it is.
 	Close() error
+	// ProcessFD returns the descriptor that tracking keeps open inside the
+	// process (the parked userfaultfd), or -1 when it keeps none.
+	ProcessFD() int
 }
 
 // Delta is the answer of one round.
@@ -300,6 +303,7 @@ func newBase(pid int, name string, opt Options) (*base, error) {
 
 func (b *base) Backend() string { return b.name }
 func (b *base) Pid() int        { return b.pid }
+func (b *base) ProcessFD() int  { return -1 }
 
 // Saved is a no-op for the backends that track writes, not contents.
 func (b *base) Saved(uint64, []byte) {}

@@ -411,6 +411,8 @@ func (t *uffdTracker) unregisterAll() error {
 	return errors.Join(errs...)
 }
 
+func (t *uffdTracker) ProcessFD() int { return t.parked }
+
 func (t *uffdTracker) Close() error {
 	var err error
 	if t.uffd >= 0 {
