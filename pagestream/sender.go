@@ -51,6 +51,9 @@ type SenderConfig struct {
 	MaxBatchPages uint64
 	// MaxBatchRuns bounds the page runs given to one batch (default 4096).
 	MaxBatchRuns int
+	// Bandwidth limits what goes on the wire, in bytes per second (0: no
+	// limit): batches are paced so that the stream never runs ahead of it.
+	Bandwidth float64
 }
 
 // Default sender settings.
@@ -348,6 +351,7 @@ func (s *Sender) worker() {
 func (s *Sender) sendLoop(ctx context.Context) {
 	defer s.wg.Done()
 	broken := false
+	pace := pacer{rate: s.cfg.Bandwidth}
 	for b := range s.order {
 		if !broken {
 			select {
@@ -355,6 +359,12 @@ func (s *Sender) sendLoop(ctx context.Context) {
 			case <-ctx.Done():
 				broken = true
 				s.fail(fmt.Errorf("page stream: %w", ctx.Err()))
+			}
+		}
+		if !broken && s.cfg.Bandwidth > 0 {
+			if err := pace.wait(ctx, len(b.msg.GetPayload())+batchOverhead); err != nil {
+				broken = true
+				s.fail(fmt.Errorf("page stream: %w", err))
 			}
 		}
 		if !broken {
@@ -380,6 +390,36 @@ func (s *Sender) sendLoop(ctx context.Context) {
 			s.fail(fmt.Errorf("close page stream: %w", err))
 		}
 	}
+}
+
+// batchOverhead is what a batch costs on the wire besides its payload
+// (message framing and page runs), roughly.
+const batchOverhead = 64
+
+// pacer spaces sends so that they keep to rate bytes per second. Time the
+// link stayed idle is not saved up beyond one batch's worth.
+type pacer struct {
+	rate float64
+	next time.Time // when the next send may start
+}
+
+// wait blocks until n more bytes may go.
+func (p *pacer) wait(ctx context.Context, n int) error {
+	now := time.Now()
+	if p.next.Before(now) {
+		p.next = now
+	}
+	if d := p.next.Sub(now); d > 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	p.next = p.next.Add(time.Duration(float64(n) / p.rate * float64(time.Second)))
+	return nil
 }
 
 // recvLoop reads acknowledgements until the final one.

@@ -471,3 +471,39 @@ func TestSenderCancel(t *testing.T) {
 		t.Error("close after cancel returned nil")
 	}
 }
+
+// TestSenderBandwidth: a limited stream does not run ahead of its limit
+// (the lower bound on its time is exact; nothing upper-bounds a busy
+// machine), and an unlimited one of the same pages is faster.
+func TestSenderBandwidth(t *testing.T) {
+	send := func(limit float64) (time.Duration, pagestream.Stats) {
+		tg := startTarget(t)
+		s, err := pagestream.Open(context.Background(), tg.client, "m1", pagestream.SenderConfig{
+			Codec: pagestream.CodecNone, BatchBytes: 16 * pageSize, Bandwidth: limit,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := newProcess(10, 0x7f0000000000, 512) // 2 MiB
+		start := time.Now()
+		if err := p.round(s.Sink(p.pid, 0)); err != nil {
+			t.Fatal(err)
+		}
+		took := time.Since(start)
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+		p.check(t, tg.store)
+		return took, s.Stats()
+	}
+	const limit = 8e6 // bytes per second
+	took, st := send(limit)
+	// The first batch goes at once; the others wait for the link.
+	want := time.Duration(float64(st.WireBytes-16*pageSize) / limit * float64(time.Second))
+	if took < want {
+		t.Errorf("%d bytes at %.0f B/s took %v, less than %v", st.WireBytes, float64(limit), took, want)
+	}
+	if free, _ := send(0); free >= took {
+		t.Errorf("unlimited stream took %v, limited %v", free, took)
+	}
+}

@@ -33,8 +33,10 @@ type Config struct {
 	// Codec is "s2" (default), "zstd" or "none".
 	Codec string
 	// Track is the tracker backend ("" for the best available).
-	Track    string
-	ShellJob bool
+	Track string
+	// Bandwidth limits the page stream, in bytes per second (0: none).
+	Bandwidth float64
+	ShellJob  bool
 	// Progress, when set, receives each round's figures as it ends.
 	Progress func(RoundReport)
 	Logger   *slog.Logger
@@ -213,7 +215,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 			}
 		}
 	}()
-	sender, err := pagestream.Open(ctx, pages, m.id, pagestream.SenderConfig{Codec: codec})
+	sender, err := pagestream.Open(ctx, pages, m.id, pagestream.SenderConfig{Codec: codec, Bandwidth: cfg.Bandwidth})
 	if err != nil {
 		return nil, err
 	}

@@ -2,8 +2,11 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"math"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -16,13 +19,14 @@ func init() {
 	register(&command{
 		name:    "migrate",
 		summary: "move a running process to another host (phaul serve there), with a pause of milliseconds",
-		usage:   "--to HOST:PORT PID [--downtime 25ms] [--max-rounds N] [--compress s2|zstd|none] [--track ...] [--tls-* F | --insecure] [--json]",
+		usage:   "--to HOST:PORT PID [--downtime 25ms] [--max-rounds N] [--bandwidth LIMIT] [--compress s2|zstd|none] [--track ...] [--tls-* F | --insecure] [--json]",
 		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
 			to := fs.String("to", "", "address of the target's phaul serve, host:port (required)")
 			pol := source.DefaultPolicy()
 			downtime := fs.Duration("downtime", pol.Downtime, "downtime budget: freeze once what is still dirty can be sent within it at the measured bandwidth")
 			maxRounds := fs.Int("max-rounds", pol.MaxRounds, "most pre-copy rounds before freezing (or aborting, see --on-no-converge)")
 			onNoConverge := fs.String("on-no-converge", "stop", "when rounds stop shrinking or hit --max-rounds: stop (freeze anyway, longer pause) or abort (process stays here)")
+			bandwidth := fs.String("bandwidth", "", "limit the page stream to this many bytes per second on the wire, e.g. 50M or 800Mbit (K, M, G are powers of 1000; default: no limit)")
 			compress := fs.String("compress", "s2", "page compression: s2, zstd or none")
 			track := fs.String("track", "auto", "dirty-page tracking: auto, uffdwp, softdirty or hash")
 			shell := fs.Bool("shell-job", false, "the process's terminal descriptors are re-bound on the target")
@@ -52,12 +56,18 @@ func init() {
 				default:
 					return usageError("--on-no-converge takes stop or abort")
 				}
+				var bw float64
+				if *bandwidth != "" {
+					if bw, err = parseRate(*bandwidth); err != nil {
+						return usageError("--bandwidth: %v", err)
+					}
+				}
 				trackName := *track
 				if trackName == "auto" {
 					trackName = ""
 				}
 				res, err := source.Run(ctx, source.Config{
-					Pid: pid, Target: *to, Insecure: *insecure, Policy: pol, Codec: *compress, Track: trackName,
+					Pid: pid, Target: *to, Insecure: *insecure, Policy: pol, Codec: *compress, Track: trackName, Bandwidth: bw,
 					ShellJob: *shell, Logger: newLogger(env, *verbose), PhaulVersion: Version,
 					TLS: transport.TLSFiles{CertFile: *cert, KeyFile: *key, CAFile: *ca},
 					Progress: func(r source.RoundReport) {
@@ -70,6 +80,10 @@ func init() {
 					},
 				})
 				if err != nil {
+					if ctx.Err() != nil && !errors.Is(err, source.ErrCommitUnknown) {
+						// Ctrl-C (or SIGTERM) before the commit: rolled back.
+						return fmt.Errorf("interrupted, the process runs on here: %w", err)
+					}
 					return err
 				}
 				if *asJSON {
@@ -82,4 +96,32 @@ func init() {
 			}
 		},
 	})
+}
+
+// parseRate parses a bandwidth: bytes per second with an optional K, M or
+// G (powers of 1000), or bits per second with a "bit" suffix ("800Mbit");
+// a trailing "/s" or "B" is allowed.
+func parseRate(s string) (float64, error) {
+	t := strings.TrimSuffix(strings.TrimSpace(s), "/s")
+	unit := 1.0
+	if u, ok := strings.CutSuffix(t, "bit"); ok {
+		t, unit = u, 1.0/8
+	} else {
+		t = strings.TrimSuffix(t, "B")
+	}
+	if n := len(t); n > 0 {
+		switch t[n-1] {
+		case 'K', 'k':
+			unit, t = unit*1e3, t[:n-1]
+		case 'M':
+			unit, t = unit*1e6, t[:n-1]
+		case 'G':
+			unit, t = unit*1e9, t[:n-1]
+		}
+	}
+	v, err := strconv.ParseFloat(t, 64)
+	if err != nil || v <= 0 || math.IsInf(v, 0) {
+		return 0, fmt.Errorf("bad rate %q (use e.g. 50M for 50 MB/s, or 800Mbit)", s)
+	}
+	return v * unit, nil
 }
