@@ -111,8 +111,8 @@ func TestRegistry(t *testing.T) {
 			t.Errorf("Lookup(%s) = %v, %v", f.Name, g, ok)
 		}
 	}
-	if len(seen) != 14 {
-		t.Errorf("%d features, want 14", len(seen))
+	if len(seen) != 15 {
+		t.Errorf("%d features, want 15", len(seen))
 	}
 	if _, ok := Lookup("no-such-thing"); ok {
 		t.Error("Lookup found an unknown name")

@@ -111,7 +111,7 @@ var (
 var features = []*Feature{
 	ptraceSeize, processVM, clone3SetTid, prSetMMMap, rseqConfig, vdsoLayout,
 	pidfdGetfd, softDirty, uffdWPAsync, pagemapScan, tcpRepair, memfdCreate,
-	unprivilegedUFD, pidMax,
+	unprivilegedUFD, pidMax, timerfdSetTicks,
 }
 
 // Features returns every feature phaul probes, in a fixed order.

@@ -11,8 +11,6 @@ import (
 // NameTimerfdSetTicks names the TFD_IOC_SET_TICKS probe.
 const NameTimerfdSetTicks = "timerfd-set-ticks"
 
-// timerfdSetTicks is not in the list `phaul check` prints (yet): restore
-// asks it directly.
 var timerfdSetTicks = newFeature(NameTimerfdSetTicks,
 	"TFD_IOC_SET_TICKS ioctl on a timerfd (CONFIG_CHECKPOINT_RESTORE)",
 	Optional,
