@@ -238,7 +238,9 @@ func (r *restorer) fork() error {
 		return fmt.Errorf("%w: the process may use CPU state components %#x this CPU lacks (XCR0 here %#x, there %#x)",
 			ErrBadImage, want&^have, have, want)
 	}
-	if err := sys.PtraceSetOptions(s.Pid, sys.PTRACE_O_TRACESYSGOOD|sys.PTRACE_O_TRACEFORK|sys.PTRACE_O_TRACECLONE); err != nil {
+	// EXITKILL (inherited by the process and its threads): should phaul die
+	// before Resume detaches them, they die too instead of running on.
+	if err := sys.PtraceSetOptions(s.Pid, sys.PTRACE_O_TRACESYSGOOD|sys.PTRACE_O_TRACEFORK|sys.PTRACE_O_TRACECLONE|sys.PTRACE_O_EXITKILL); err != nil {
 		return fmt.Errorf("restore stub options: %w", err)
 	}
 	r.gadget = stub.Base + stub.GadgetOffset

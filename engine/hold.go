@@ -1,0 +1,47 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/phaul/phaul/internal/sys"
+)
+
+// Hold readies the frozen process for the commit window of a migration,
+// where it must never run again unless someone decides so: the signals
+// taken off it are queued again (which runs code in the process), then it
+// is sent SIGSTOP, which it takes as soon
+// as it leaves phaul's hands. From then on Kill kills it as before, while
+// Resume, or phaul dying (the kernel detaches it), leaves it stopped by job
+// control, not running: SIGCONT resumes it. On error it is not sent
+// SIGSTOP, and Resume resumes it.
+func (f *Frozen) Hold() error {
+	if f.done {
+		return errors.New("hold: process already resumed or killed")
+	}
+	return f.tr.Do(func() error {
+		if f.tracker != nil {
+			// Removing tracking walks every page table: time inside the
+			// downtime, for the rare case of an unknown commit. It stays
+			// registered (write-protect is asynchronous: a process that is
+			// resumed by hand runs unhindered, with the userfaultfd left
+			// open in it); only phaul's copy is released.
+			if err := f.tracker.Close(); err != nil {
+				return fmt.Errorf("hold %d: %w", f.Pid, err)
+			}
+			f.tracker = nil
+		}
+		if f.c.frozen == nil {
+			return fmt.Errorf("hold %d: not frozen", f.Pid)
+		}
+		if err := f.c.frozen.Requeue(f.c.gadget); err != nil {
+			return fmt.Errorf("hold %d: %w", f.Pid, err)
+		}
+		// Queued while every thread sits in a ptrace stop: nothing runs
+		// until a thread is let go, and then the stop comes first.
+		if err := sys.Kill(f.Pid, sys.SIGSTOP); err != nil {
+			return fmt.Errorf("hold %d: %w", f.Pid, err)
+		}
+		return nil
+	})
+}
