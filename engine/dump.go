@@ -27,6 +27,9 @@ type DumpOptions struct {
 	LeaveRunning bool
 	// ShellJob re-binds descriptors on a terminal to the restorer's stdio.
 	ShellJob bool
+	// TCPEstablished allows established TCP connections to be dumped (the
+	// --tcp-established of CRIU); without it they are refused by name.
+	TCPEstablished bool
 	// Parent is the last pre-dump of a chain (PreDump): only the pages
 	// written since are saved, the others are recorded as in the parent.
 	// Tracking is removed from the process before anything is collected.
@@ -85,7 +88,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	}
 	var inParent tracker.Ranges
 	var backend string
-	fopt := FreezeOptions{Pid: opt.Pid, ShellJob: opt.ShellJob, Logger: log}
+	fopt := FreezeOptions{Pid: opt.Pid, ShellJob: opt.ShellJob, TCPEstablished: opt.TCPEstablished, Logger: log}
 	if par != nil {
 		fopt.TrackerDir = par.dir
 		fopt.LastRound = func(ctx context.Context, t tracker.Tracker, _ []*imagepb.VMA) error {

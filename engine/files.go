@@ -10,6 +10,7 @@ import (
 
 	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/netlock"
 	"github.com/phaul/phaul/protocol/imagepb"
 )
 
@@ -30,6 +31,15 @@ type fileTable struct {
 	// userfaultfd), left out of the table; -1 for none.
 	skip  int
 	table imagepb.FileTable
+	// tcpEstablished allows established TCP connections (files_socket.go).
+	tcpEstablished bool
+	// sockets are phaul's copies of the dumped sockets, by inode too.
+	sockets       []*dumpedSocket
+	socketByInode map[uint64]*dumpedSocket
+	// lock holds the packets of the process's connections; lockDone is
+	// set once it was considered.
+	lock     *netlock.Lock
+	lockDone bool
 }
 
 // dumpFDs describes every descriptor of pid, refusing the kinds phaul cannot
@@ -223,6 +233,18 @@ func (ft *fileTable) describe(pid, fd int) (*imagepb.File, bool, error) {
 		}
 		f.Kind, f.Inotify = imagepb.FileKind_FILE_INOTIFY, n
 		return f, cloexec, nil
+	}
+	if isSocketLink(link) {
+		if ft.socketByInode == nil {
+			ft.socketByInode = map[uint64]*dumpedSocket{}
+		}
+		ok, err := ft.inetSocket(pid, fd, link, f)
+		if err != nil {
+			return nil, false, err
+		}
+		if ok {
+			return f, cloexec, nil
+		}
 	}
 	if strings.HasPrefix(link, "pipe:[") {
 		st, err := os.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, fd))

@@ -10,6 +10,7 @@ import (
 	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/engine/ptrace"
 	"github.com/phaul/phaul/internal/hostinfo"
+	"github.com/phaul/phaul/netlock"
 	"github.com/phaul/phaul/protocol/imagepb"
 	"github.com/phaul/phaul/tracker"
 )
@@ -19,6 +20,9 @@ type FreezeOptions struct {
 	Pid int
 	// ShellJob re-binds descriptors on a terminal to the restorer's stdio.
 	ShellJob bool
+	// TCPEstablished allows established TCP connections: they are left in
+	// repair mode while frozen, behind a network lock (files_socket.go).
+	TCPEstablished bool
 	// TrackerDir holds tracking state parked by earlier rounds
 	// (tracker.Tracker.Park); empty when the process was not tracked.
 	TrackerDir string
@@ -52,6 +56,10 @@ type Frozen struct {
 	c       *collector
 	tracker tracker.Tracker // still registered in the process; nil if none
 	done    bool
+	// sockets are phaul's copies of the dumped sockets, netLock the lock
+	// on the process's connections (nil if none).
+	sockets []*dumpedSocket
+	netLock *netlock.Lock
 }
 
 // Freeze stops every thread of a process and collects its state except
@@ -131,13 +139,14 @@ func Freeze(ctx context.Context, opt FreezeOptions) (*Frozen, error) {
 	if err == nil {
 		err = ctx.Err()
 	}
-	ft := &fileTable{shellJob: opt.ShellJob, skip: -1}
+	ft := &fileTable{shellJob: opt.ShellJob, skip: -1, tcpEstablished: opt.TCPEstablished}
 	if fz.tracker != nil {
 		ft.skip = fz.tracker.ProcessFD()
 	}
 	if err == nil {
 		t1 := time.Now()
 		p.Fds, err = ft.dumpFDs(opt.Pid)
+		fz.sockets, fz.netLock = ft.sockets, ft.lock // Resume gives them back
 		timing = append(timing, "fds", time.Since(t1))
 	}
 	if err != nil {
@@ -180,17 +189,18 @@ func (f *Frozen) Resume() error {
 	}
 	f.done = true
 	defer f.tr.Close()
+	serr := resumeSockets(f.sockets, f.netLock)
 	if f.c.frozen == nil {
-		return nil
+		return serr
 	}
-	return f.tr.Do(func() error {
+	return errors.Join(serr, f.tr.Do(func() error {
 		var err error
 		if f.tracker != nil {
 			err = f.tracker.Stop()
 			f.tracker = nil
 		}
 		return errors.Join(err, f.c.frozen.Resume(f.c.gadget))
-	})
+	}))
 }
 
 // Kill kills the process and waits until its threads are gone.
@@ -200,6 +210,9 @@ func (f *Frozen) Kill() error {
 	}
 	f.done = true
 	defer f.tr.Close()
+	// Connections in repair mode close silently, after the process; the
+	// network lock stays until Restore.
+	defer closeSockets(f.sockets)
 	return f.tr.Do(func() error {
 		var err error
 		if f.tracker != nil {

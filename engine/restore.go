@@ -85,7 +85,12 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	defer r.tr.Close()
 	if err := r.run(ctx); err != nil {
 		r.abort()
+		r.closeSockets(true)
 		return nil, fmt.Errorf("restore %d: %w", r.pid, err)
+	}
+	r.closeSockets(false)
+	if err := r.unlockNet(); err != nil {
+		r.log.Warn("restored, but the network lock stays", "err", err)
 	}
 	res := &RestoreResult{Pid: r.pid, Threads: len(r.img.Threads), PagesRestored: r.pagesRestored, Duration: time.Since(start)}
 	res.DurationMS = float64(res.Duration.Microseconds()) / 1000
@@ -120,6 +125,8 @@ type restorer struct {
 	scratch       uint64
 	pipeEnds      map[uint64]uint64 // pipe id -> parked descriptor of its other end
 	nextHigh      uint64            // next free descriptor above the image's
+	sockets       []*os.File        // phaul's copies of the restored sockets (restore_socket.go)
+	netLocked     bool              // a restored connection is behind the dump's network lock
 	pagesRestored uint64
 }
 

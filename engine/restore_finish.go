@@ -257,6 +257,8 @@ func (r *restorer) openFile(f *imagepb.File) (uint64, error) {
 		return r.openSignalfd(f)
 	case imagepb.FileKind_FILE_INOTIFY:
 		return r.openInotify(f)
+	case imagepb.FileKind_FILE_INET_SOCKET:
+		return r.openInetSocket(f)
 	case imagepb.FileKind_FILE_EPOLL:
 		fd, err := in.Syscall(sys.SYS_EPOLL_CREATE1, sys.O_CLOEXEC)
 		if err != nil {

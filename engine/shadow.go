@@ -243,6 +243,7 @@ func (s *Shadow) Resume() error {
 	}
 	s.done = true
 	s.r.tr.Close()
+	s.r.closeSockets(false) // the process has its own descriptors
 	return nil
 }
 
@@ -258,6 +259,7 @@ func (s *Shadow) Discard() {
 
 func (s *Shadow) discardLocked() {
 	s.r.abort()
+	s.r.closeSockets(true)
 	s.r.tr.Close()
 	s.done = true
 }

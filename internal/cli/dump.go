@@ -13,12 +13,13 @@ func init() {
 	register(&command{
 		name:    "dump",
 		summary: "checkpoint a running process into an image directory",
-		usage:   "-t PID -D DIR [--prev DIR [--track NAME]] [--leave-running] [--shell-job] [--json]",
+		usage:   "-t PID -D DIR [--prev DIR [--track NAME]] [--leave-running] [--shell-job] [--tcp-established] [--json]",
 		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
 			pid := fs.IntP("tree", "t", 0, "PID of the process to dump (required)")
 			dir := fs.StringP("images-dir", "D", "", "directory to write the images to (required; created if missing)")
 			leave := fs.BoolP("leave-running", "R", false, "resume the process after the dump instead of killing it")
 			shell := fs.Bool("shell-job", false, "allow descriptors on a terminal; restore re-binds them to the restorer's stdio")
+			tcpEst := fs.Bool("tcp-established", false, "checkpoint established TCP connections (they are locked and closed silently; restore them where their address is)")
 			prev := fs.String("prev", "", "the last pre-dump (phaul pre-dump): save only the pages changed since")
 			track := fs.String("track", "", "the tracking backend the --prev chain must have used")
 			asJSON := fs.Bool("json", false, "print the result as JSON")
@@ -34,7 +35,7 @@ func init() {
 					return usageError("-D DIR is required")
 				}
 				res, err := engine.Dump(ctx, engine.DumpOptions{
-					Pid: *pid, Dir: *dir, LeaveRunning: *leave, ShellJob: *shell, Parent: *prev, Track: *track,
+					Pid: *pid, Dir: *dir, LeaveRunning: *leave, ShellJob: *shell, TCPEstablished: *tcpEst, Parent: *prev, Track: *track,
 					Logger: newLogger(env, *verbose),
 				})
 				if err != nil {

@@ -52,6 +52,8 @@ const (
 	SYS_SETPGID           = unix.SYS_SETPGID
 	SYS_SETSID            = unix.SYS_SETSID
 	SYS_EVENTFD2          = unix.SYS_EVENTFD2
+	SYS_PIDFD_OPEN        = unix.SYS_PIDFD_OPEN
+	SYS_PIDFD_GETFD       = unix.SYS_PIDFD_GETFD
 	SYS_EPOLL_CREATE1     = unix.SYS_EPOLL_CREATE1
 	SYS_EPOLL_CTL         = unix.SYS_EPOLL_CTL
 	SYS_PIPE2             = unix.SYS_PIPE2

@@ -2044,13 +2044,15 @@ type File struct {
 	Rdev  uint64 `protobuf:"varint,9,opt,name=rdev,proto3" json:"rdev,omitempty"`
 	Size  int64  `protobuf:"varint,10,opt,name=size,proto3" json:"size,omitempty"`
 	// For FILE_INHERITED: which of the restorer's stdio descriptors (0, 1, 2).
-	InheritFd     int32     `protobuf:"varint,11,opt,name=inherit_fd,json=inheritFd,proto3" json:"inherit_fd,omitempty"`
-	Eventfd       *EventFD  `protobuf:"bytes,20,opt,name=eventfd,proto3" json:"eventfd,omitempty"`
-	Epoll         *Epoll    `protobuf:"bytes,21,opt,name=epoll,proto3" json:"epoll,omitempty"`
-	Timerfd       *TimerFD  `protobuf:"bytes,22,opt,name=timerfd,proto3" json:"timerfd,omitempty"`
-	Signalfd      *SignalFD `protobuf:"bytes,23,opt,name=signalfd,proto3" json:"signalfd,omitempty"`
-	Pipe          *Pipe     `protobuf:"bytes,24,opt,name=pipe,proto3" json:"pipe,omitempty"`
-	Inotify       *Inotify  `protobuf:"bytes,25,opt,name=inotify,proto3" json:"inotify,omitempty"`
+	InheritFd int32     `protobuf:"varint,11,opt,name=inherit_fd,json=inheritFd,proto3" json:"inherit_fd,omitempty"`
+	Eventfd   *EventFD  `protobuf:"bytes,20,opt,name=eventfd,proto3" json:"eventfd,omitempty"`
+	Epoll     *Epoll    `protobuf:"bytes,21,opt,name=epoll,proto3" json:"epoll,omitempty"`
+	Timerfd   *TimerFD  `protobuf:"bytes,22,opt,name=timerfd,proto3" json:"timerfd,omitempty"`
+	Signalfd  *SignalFD `protobuf:"bytes,23,opt,name=signalfd,proto3" json:"signalfd,omitempty"`
+	Pipe      *Pipe     `protobuf:"bytes,24,opt,name=pipe,proto3" json:"pipe,omitempty"`
+	Inotify   *Inotify  `protobuf:"bytes,25,opt,name=inotify,proto3" json:"inotify,omitempty"`
+	// For FILE_INET_SOCKET: the TCP or UDP socket (package netsock).
+	InetSocket    *InetSocket `protobuf:"bytes,26,opt,name=inet_socket,json=inetSocket,proto3" json:"inet_socket,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2200,6 +2202,13 @@ func (x *File) GetPipe() *Pipe {
 func (x *File) GetInotify() *Inotify {
 	if x != nil {
 		return x.Inotify
+	}
+	return nil
+}
+
+func (x *File) GetInetSocket() *InetSocket {
+	if x != nil {
+		return x.InetSocket
 	}
 	return nil
 }
@@ -2985,7 +2994,7 @@ var File_image_proto protoreflect.FileDescriptor
 
 const file_image_proto_rawDesc = "" +
 	"\n" +
-	"\vimage.proto\x12\x0ephaul.image.v1\"\xdf\x03\n" +
+	"\vimage.proto\x12\x0ephaul.image.v1\x1a\fsocket.proto\"\xdf\x03\n" +
 	"\tInventory\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12#\n" +
 	"\rphaul_version\x18\x02 \x01(\tR\fphaulVersion\x12%\n" +
@@ -3166,7 +3175,7 @@ const file_image_proto_rawDesc = "" +
 	"\afile_id\x18\x02 \x01(\rR\x06fileId\x12\x18\n" +
 	"\acloexec\x18\x03 \x01(\bR\acloexec\"7\n" +
 	"\tFileTable\x12*\n" +
-	"\x05files\x18\x01 \x03(\v2\x14.phaul.image.v1.FileR\x05files\"\xa9\x04\n" +
+	"\x05files\x18\x01 \x03(\v2\x14.phaul.image.v1.FileR\x05files\"\xe6\x04\n" +
 	"\x04File\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12,\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x18.phaul.image.v1.FileKindR\x04kind\x12\x12\n" +
@@ -3186,7 +3195,9 @@ const file_image_proto_rawDesc = "" +
 	"\atimerfd\x18\x16 \x01(\v2\x17.phaul.image.v1.TimerFDR\atimerfd\x124\n" +
 	"\bsignalfd\x18\x17 \x01(\v2\x18.phaul.image.v1.SignalFDR\bsignalfd\x12(\n" +
 	"\x04pipe\x18\x18 \x01(\v2\x14.phaul.image.v1.PipeR\x04pipe\x121\n" +
-	"\ainotify\x18\x19 \x01(\v2\x17.phaul.image.v1.InotifyR\ainotify\"=\n" +
+	"\ainotify\x18\x19 \x01(\v2\x17.phaul.image.v1.InotifyR\ainotify\x12;\n" +
+	"\vinet_socket\x18\x1a \x01(\v2\x1a.phaul.image.v1.InetSocketR\n" +
+	"inetSocket\"=\n" +
 	"\aEventFD\x12\x14\n" +
 	"\x05count\x18\x01 \x01(\x04R\x05count\x12\x1c\n" +
 	"\tsemaphore\x18\x02 \x01(\bR\tsemaphore\"I\n" +
@@ -3331,6 +3342,7 @@ var file_image_proto_goTypes = []any{
 	(*PageRun)(nil),      // 30: phaul.image.v1.PageRun
 	(*TrackerState)(nil), // 31: phaul.image.v1.TrackerState
 	(*HashedArea)(nil),   // 32: phaul.image.v1.HashedArea
+	(*InetSocket)(nil),   // 33: phaul.image.v1.InetSocket
 }
 var file_image_proto_depIdxs = []int32{
 	4,  // 0: phaul.image.v1.Inventory.processes:type_name -> phaul.image.v1.ProcessEntry
@@ -3357,16 +3369,17 @@ var file_image_proto_depIdxs = []int32{
 	25, // 21: phaul.image.v1.File.signalfd:type_name -> phaul.image.v1.SignalFD
 	28, // 22: phaul.image.v1.File.pipe:type_name -> phaul.image.v1.Pipe
 	26, // 23: phaul.image.v1.File.inotify:type_name -> phaul.image.v1.Inotify
-	22, // 24: phaul.image.v1.Epoll.targets:type_name -> phaul.image.v1.EpollTarget
-	27, // 25: phaul.image.v1.Inotify.watches:type_name -> phaul.image.v1.InotifyWatch
-	30, // 26: phaul.image.v1.PageMap.runs:type_name -> phaul.image.v1.PageRun
-	2,  // 27: phaul.image.v1.PageRun.source:type_name -> phaul.image.v1.PageSource
-	32, // 28: phaul.image.v1.TrackerState.hashed:type_name -> phaul.image.v1.HashedArea
-	29, // [29:29] is the sub-list for method output_type
-	29, // [29:29] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	33, // 24: phaul.image.v1.File.inet_socket:type_name -> phaul.image.v1.InetSocket
+	22, // 25: phaul.image.v1.Epoll.targets:type_name -> phaul.image.v1.EpollTarget
+	27, // 26: phaul.image.v1.Inotify.watches:type_name -> phaul.image.v1.InotifyWatch
+	30, // 27: phaul.image.v1.PageMap.runs:type_name -> phaul.image.v1.PageRun
+	2,  // 28: phaul.image.v1.PageRun.source:type_name -> phaul.image.v1.PageSource
+	32, // 29: phaul.image.v1.TrackerState.hashed:type_name -> phaul.image.v1.HashedArea
+	30, // [30:30] is the sub-list for method output_type
+	30, // [30:30] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_image_proto_init() }
@@ -3374,6 +3387,7 @@ func file_image_proto_init() {
 	if File_image_proto != nil {
 		return
 	}
+	file_socket_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
