@@ -1,8 +1,19 @@
 // Package bench measures migrations the way users judge them: the pause
-// the application itself saw (its largest gap between heartbeats), the
-// stall a connected client saw, phaul's own frozen time, total time, bytes
-// on the wire and rounds. It runs workloads (package bench/workload, or a
-// user's command), repeats and interleaves the configurations under
-// comparison, and writes the raw figures as JSON, a Markdown report with
-// medians and spreads, and SVG plots.
+// the application itself saw (its largest gap between heartbeats around
+// the migration), phaul's own frozen time and where it went, total time,
+// bytes on the wire, rounds and per-round figures, and the CPU phaul used
+// on each side. It is what `phaul bench` runs.
+//
+// RunBench builds two host-like namespaces (Hosts: the target runs phaul
+// serve in a PID namespace of its own, fresh for every run), and for each
+// point of the matrix (memory size × dirty rate × compared variant ×
+// repeat, interleaved) starts the built-in workload (package
+// bench/workload) or a user's command on the source, migrates it with
+// `phaul migrate --json`, reads the workload's heartbeats, and has the
+// workload verify its memory on the target. What cannot be run (CRIU
+// without a 4.x criu, the TCP workload) is reported as a note, never
+// faked. Results are written as JSON, a Markdown report with medians and
+// spreads (WriteMarkdown), and SVG plots (Plots).
+//
+// The hot paths of a migration have Go benchmarks in bench/hotpath.
 package bench

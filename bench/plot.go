@@ -37,25 +37,30 @@ func Plots(res *Results) []Plot {
 		if len(g.runs) == 0 {
 			continue
 		}
-		down := metric(g.runs, func(r Run) float64 { return r.AppDowntimeMS }).Median
-		k := fmt.Sprintf("%s, %d pages/s", g.config, g.dirty)
-		if byMem[k] == nil {
-			byMem[k] = &Series{Label: k}
-			memKeys = append(memKeys, k)
+		cfg := g.config
+		if g.workload != "heap" {
+			cfg += " (" + g.workload + ")"
 		}
-		byMem[k].Points = append(byMem[k].Points, [2]float64{float64(g.mem) / (1 << 20), down})
-		k = fmt.Sprintf("%s, %s", g.config, sizeString(g.mem))
-		if byDirty[k] == nil {
-			byDirty[k] = &Series{Label: k}
-			dirtyKeys = append(dirtyKeys, k)
+		if down := optMetric(g.runs, appDowntime); down.N > 0 {
+			k := fmt.Sprintf("%s, %d pages/s", cfg, g.dirty)
+			if byMem[k] == nil {
+				byMem[k] = &Series{Label: k}
+				memKeys = append(memKeys, k)
+			}
+			byMem[k].Points = append(byMem[k].Points, [2]float64{float64(g.mem) / (1 << 20), down.Median})
+			k = fmt.Sprintf("%s, %s", cfg, sizeString(g.mem))
+			if byDirty[k] == nil {
+				byDirty[k] = &Series{Label: k}
+				dirtyKeys = append(dirtyKeys, k)
+			}
+			byDirty[k].Points = append(byDirty[k].Points, [2]float64{float64(g.dirty), down.Median})
 		}
-		byDirty[k].Points = append(byDirty[k].Points, [2]float64{float64(g.dirty), down})
 		// Median bytes of each round over the repeats.
 		maxRounds := 0
 		for _, r := range g.runs {
 			maxRounds = max(maxRounds, len(r.RoundBytes))
 		}
-		s := Series{Label: fmt.Sprintf("%s, %s, %d pages/s", g.config, sizeString(g.mem), g.dirty)}
+		s := Series{Label: fmt.Sprintf("%s, %s, %d pages/s", cfg, sizeString(g.mem), g.dirty)}
 		for i := 0; i < maxRounds; i++ {
 			var xs []float64
 			for _, r := range g.runs {

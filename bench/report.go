@@ -12,30 +12,54 @@ import (
 	"time"
 )
 
-// Run is the outcome of one measured migration (or dump/restore).
+// Run is the outcome of one measured migration.
 type Run struct {
-	// Config names the compared configuration ("uffdwp/s2/25ms", "criu", ...).
+	// Config names the compared configuration ("phaul", "track=hash", ...).
 	Config string `json:"config"`
+	// Variant is the configuration in full.
+	Variant Variant `json:"variant"`
+	// Workload is "heap" or "random" (the built-in workload's page
+	// contents) or "cmd" (the user's command).
+	Workload string `json:"workload"`
 	// MemBytes and DirtyRate describe the workload.
 	MemBytes  int64 `json:"mem_bytes"`
 	DirtyRate int   `json:"dirty_pages_per_sec"`
 	Threads   int   `json:"threads"`
 	Repeat    int   `json:"repeat"`
-	// AppDowntimeMS is the largest gap between the workload's heartbeats.
-	AppDowntimeMS float64 `json:"app_downtime_ms"`
-	// ClientStallMS is the largest gap a connected client saw (0 if none).
-	ClientStallMS float64 `json:"client_stall_ms,omitempty"`
+	// AppDowntimeMS is the largest gap between the workload's heartbeats
+	// around the migration; nil when the workload has no heartbeats.
+	AppDowntimeMS *float64 `json:"app_downtime_ms"`
+	// AppGapEndMS is when that largest gap ended, in ms from the start of
+	// the migration (compare with TotalMS: a gap ending near the end is
+	// the freeze; one ending earlier happened during the rounds).
+	AppGapEndMS float64 `json:"app_gap_end_ms,omitempty"`
+	// ClientStallMS is the largest gap a connected client saw; nil when no
+	// client was measured.
+	ClientStallMS *float64 `json:"client_stall_ms"`
 	// FrozenMS is phaul's own account: source freeze to target resume.
 	FrozenMS float64 `json:"frozen_ms"`
-	TotalMS  float64 `json:"total_ms"`
-	Bytes    uint64  `json:"bytes_on_wire"`
-	Rounds   int     `json:"rounds"`
-	// RoundBytes and RoundMS are per-round figures, round 0 first.
+	// Phases splits FrozenMS (phaul's downtime_phases, in ms).
+	Phases    map[string]float64 `json:"downtime_phases,omitempty"`
+	TotalMS   float64            `json:"total_ms"`
+	Bytes     uint64             `json:"bytes_on_wire"`
+	Pages     uint64             `json:"pages_sent"`
+	PagesZero uint64             `json:"pages_zero"`
+	Rounds    int                `json:"rounds"`
+	Tracker   string             `json:"tracker,omitempty"`
+	// RestoreMS is the target's restore time as phaul reports it.
+	RestoreMS float64 `json:"target_restore_ms"`
+	// RoundBytes, RoundPages and RoundMS are per-round figures, round 0
+	// first, the final (frozen) round last.
 	RoundBytes []uint64  `json:"round_bytes,omitempty"`
+	RoundPages []uint64  `json:"round_pages,omitempty"`
 	RoundMS    []float64 `json:"round_ms,omitempty"`
-	// CPU seconds spent by phaul on each side.
+	// CPU seconds spent by phaul on each side: the migrate process on the
+	// source, the serve process on the target (during the migration).
 	SourceCPU float64 `json:"source_cpu_s"`
 	TargetCPU float64 `json:"target_cpu_s"`
+	// Checked is set when the workload verified all of its memory after
+	// the migration.
+	Checked bool `json:"self_check_ok"`
 	// Err is set when the run failed; failed runs are reported, not hidden.
 	Err string `json:"error,omitempty"`
 }
@@ -46,7 +70,9 @@ type Results struct {
 	Host    string    `json:"host"`
 	Kernel  string    `json:"kernel"`
 	Command string    `json:"command"`
-	Runs    []Run     `json:"runs"`
+	// Notes say what was not run, and why.
+	Notes []string `json:"notes,omitempty"`
+	Runs  []Run    `json:"runs"`
 }
 
 // Summary is the statistics of one metric over repeated runs.
@@ -74,21 +100,22 @@ func Summarize(xs []float64) Summary {
 
 // group is the runs of one (config, memory, dirty rate) point.
 type group struct {
-	config string
-	mem    int64
-	dirty  int
-	runs   []Run
-	failed int
+	config   string
+	workload string
+	mem      int64
+	dirty    int
+	runs     []Run
+	failed   int
 }
 
 func groups(runs []Run) []*group {
 	var out []*group
 	idx := map[string]*group{}
 	for _, r := range runs {
-		k := fmt.Sprintf("%s|%d|%d", r.Config, r.MemBytes, r.DirtyRate)
+		k := fmt.Sprintf("%s|%s|%d|%d", r.Config, r.Workload, r.MemBytes, r.DirtyRate)
 		g := idx[k]
 		if g == nil {
-			g = &group{config: r.Config, mem: r.MemBytes, dirty: r.DirtyRate}
+			g = &group{config: r.Config, workload: r.Workload, mem: r.MemBytes, dirty: r.DirtyRate}
 			idx[k] = g
 			out = append(out, g)
 		}
@@ -102,6 +129,9 @@ func groups(runs []Run) []*group {
 		a, b := out[i], out[j]
 		if a.config != b.config {
 			return a.config < b.config
+		}
+		if a.workload != b.workload {
+			return a.workload < b.workload
 		}
 		if a.mem != b.mem {
 			return a.mem < b.mem
@@ -119,40 +149,110 @@ func metric(rs []Run, f func(Run) float64) Summary {
 	return Summarize(xs)
 }
 
+// optMetric summarizes a figure that some runs lack (nil).
+func optMetric(rs []Run, f func(Run) *float64) Summary {
+	var xs []float64
+	for _, r := range rs {
+		if v := f(r); v != nil {
+			xs = append(xs, *v)
+		}
+	}
+	return Summarize(xs)
+}
+
+func appDowntime(r Run) *float64 { return r.AppDowntimeMS }
+func clientStall(r Run) *float64 { return r.ClientStallMS }
+
+// phaseNames returns the phase names found in runs, in the order phaul
+// goes through them (known names first), then any other sorted.
+func phaseNames(runs []Run) []string {
+	order := []string{"final_round_ms", "collect_ms", "state_ms", "ready_ms", "commit_ms"}
+	have := map[string]bool{}
+	for _, r := range runs {
+		for k := range r.Phases {
+			have[k] = true
+		}
+	}
+	var out []string
+	for _, k := range order {
+		if have[k] {
+			out = append(out, k)
+			delete(have, k)
+		}
+	}
+	var rest []string
+	for k := range have {
+		rest = append(rest, k)
+	}
+	sort.Strings(rest)
+	return append(out, rest...)
+}
+
 // WriteMarkdown writes the report: one table row per configuration point,
-// medians with their spread (min–max), and every failure spelled out.
+// medians with their spread (min–max), where the frozen time went, the
+// notes, and every failure spelled out.
 func WriteMarkdown(w io.Writer, res *Results) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# phaul bench\n\n%s, kernel %s, started %s\n\n`%s`\n\n",
 		res.Host, res.Kernel, res.Started.UTC().Format(time.RFC3339), res.Command)
-	b.WriteString("Medians over the repeats, with min–max. App downtime is the largest gap between the workload's own heartbeats; frozen is phaul's source-freeze-to-target-resume figure.\n\n")
-	b.WriteString("| config | memory | dirty pages/s | runs | app downtime ms | client stall ms | frozen ms | total ms | bytes on wire | rounds |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|---|---|\n")
-	for _, g := range groups(res.Runs) {
-		cell := func(f func(Run) float64, prec int) string {
-			s := metric(g.runs, f)
-			if s.N == 0 {
-				return "–"
-			}
-			return fmt.Sprintf("%.*f (%.*f–%.*f)", prec, s.Median, prec, s.Min, prec, s.Max)
-		}
+	b.WriteString("Medians over the repeats, with min–max. App downtime is the largest gap between the workload's own heartbeats around the migration; frozen is phaul's source-freeze-to-target-resume figure; CPU is phaul's, in seconds, on the source (migrate) and the target (serve). – means not measured.\n\n")
+	b.WriteString("| config | workload | memory | dirty pages/s | runs | app downtime ms | client stall ms | frozen ms | total ms | MiB on wire | rounds | source CPU s | target CPU s |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	gs := groups(res.Runs)
+	for _, g := range gs {
 		runs := fmt.Sprintf("%d", len(g.runs))
 		if g.failed > 0 {
 			runs += fmt.Sprintf(" (+%d failed)", g.failed)
 		}
-		fmt.Fprintf(&b, "| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s |\n",
-			g.config, sizeString(g.mem), g.dirty, runs,
-			cell(func(r Run) float64 { return r.AppDowntimeMS }, 1),
-			cell(func(r Run) float64 { return r.ClientStallMS }, 1),
-			cell(func(r Run) float64 { return r.FrozenMS }, 1),
-			cell(func(r Run) float64 { return r.TotalMS }, 0),
-			cell(func(r Run) float64 { return float64(r.Bytes) / (1 << 20) }, 1)+" MiB",
-			cell(func(r Run) float64 { return float64(r.Rounds) }, 0))
+		fmt.Fprintf(&b, "| %s | %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+			g.config, g.workload, sizeString(g.mem), g.dirty, runs,
+			cell(optMetric(g.runs, appDowntime), 1),
+			cell(optMetric(g.runs, clientStall), 1),
+			cell(metric(g.runs, func(r Run) float64 { return r.FrozenMS }), 1),
+			cell(metric(g.runs, func(r Run) float64 { return r.TotalMS }), 0),
+			cell(metric(g.runs, func(r Run) float64 { return float64(r.Bytes) / (1 << 20) }), 1),
+			cell(metric(g.runs, func(r Run) float64 { return float64(r.Rounds) }), 0),
+			cell(metric(g.runs, func(r Run) float64 { return r.SourceCPU }), 2),
+			cell(metric(g.runs, func(r Run) float64 { return r.TargetCPU }), 2))
+	}
+	if names := phaseNames(res.Runs); len(names) > 0 {
+		b.WriteString("\n## Where the frozen time went\n\nMedian milliseconds of each phase of phaul's downtime.\n\n| config | workload | memory | dirty pages/s |")
+		for _, n := range names {
+			b.WriteString(" " + strings.TrimSuffix(n, "_ms") + " |")
+		}
+		b.WriteString("\n|---|---|---|---|" + strings.Repeat("---|", len(names)) + "\n")
+		for _, g := range gs {
+			if len(g.runs) == 0 {
+				continue
+			}
+			fmt.Fprintf(&b, "| %s | %s | %s | %d |", g.config, g.workload, sizeString(g.mem), g.dirty)
+			for _, n := range names {
+				s := optMetric(g.runs, func(r Run) *float64 {
+					if v, ok := r.Phases[n]; ok {
+						return &v
+					}
+					return nil
+				})
+				if s.N == 0 {
+					b.WriteString(" – |")
+				} else {
+					fmt.Fprintf(&b, " %.1f |", s.Median)
+				}
+			}
+			b.WriteString("\n")
+		}
+	}
+	if len(res.Notes) > 0 {
+		b.WriteString("\n## Notes\n\n")
+		for _, n := range res.Notes {
+			b.WriteString("- " + n + "\n")
+		}
 	}
 	var failures []string
 	for _, r := range res.Runs {
 		if r.Err != "" {
-			failures = append(failures, fmt.Sprintf("- %s, %s, %d pages/s, repeat %d: %s", r.Config, sizeString(r.MemBytes), r.DirtyRate, r.Repeat, r.Err))
+			failures = append(failures, fmt.Sprintf("- %s, %s, %s, %d pages/s, repeat %d: %s", r.Config, r.Workload, sizeString(r.MemBytes), r.DirtyRate, r.Repeat,
+				strings.ReplaceAll(r.Err, "\n", " ")))
 		}
 	}
 	if len(failures) > 0 {
@@ -162,12 +262,22 @@ func WriteMarkdown(w io.Writer, res *Results) error {
 	return err
 }
 
+// cell formats a summary as "median (min–max)", or – without data.
+func cell(s Summary, prec int) string {
+	if s.N == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.*f (%.*f–%.*f)", prec, s.Median, prec, s.Min, prec, s.Max)
+}
+
 func sizeString(n int64) string {
 	switch {
 	case n >= 1<<30 && n%(1<<30) == 0:
 		return fmt.Sprintf("%d GiB", n>>30)
 	case n >= 1<<20:
 		return fmt.Sprintf("%d MiB", n>>20)
+	case n == 0:
+		return "–"
 	default:
 		return fmt.Sprintf("%d B", n)
 	}

@@ -12,16 +12,23 @@ import (
 	"time"
 )
 
+func ms(v float64) *float64 { return &v }
+
 func sample() *Results {
-	res := &Results{Started: time.Unix(1700000000, 0), Host: "h", Kernel: "6.18", Command: "phaul bench"}
+	res := &Results{Started: time.Unix(1700000000, 0), Host: "h", Kernel: "6.18", Command: "phaul bench",
+		Notes: []string{TCPUnavailable + "."}}
 	for _, mem := range []int64{256 << 20, 1 << 30} {
 		for rep := 0; rep < 3; rep++ {
-			res.Runs = append(res.Runs, Run{Config: "uffdwp/s2", MemBytes: mem, DirtyRate: 1000, Repeat: rep,
-				AppDowntimeMS: float64(10 + rep), FrozenMS: float64(8 + rep), TotalMS: 1000, Bytes: 100 << 20, Rounds: 3,
+			res.Runs = append(res.Runs, Run{Config: "uffdwp/s2", Workload: "heap", MemBytes: mem, DirtyRate: 1000, Repeat: rep,
+				AppDowntimeMS: ms(float64(10+rep) + float64(mem>>30)*7), FrozenMS: float64(8 + rep), TotalMS: 1000, Bytes: 100 << 20, Rounds: 3,
+				SourceCPU: 0.25 * float64(rep+1), TargetCPU: 0.5 + float64(rep),
+				Phases:     map[string]float64{"final_round_ms": 2, "commit_ms": float64(rep), "new_phase_ms": 1},
 				RoundBytes: []uint64{90 << 20, 8 << 20, 2 << 20}})
 		}
 	}
-	res.Runs = append(res.Runs, Run{Config: "uffdwp/s2", MemBytes: 1 << 30, DirtyRate: 1000, Repeat: 3, Err: "target refused: no room"})
+	res.Runs = append(res.Runs, Run{Config: "uffdwp/s2", Workload: "heap", MemBytes: 1 << 30, DirtyRate: 1000, Repeat: 3, Err: "target refused:\nno room"})
+	// A user's command: no heartbeats, so no app downtime.
+	res.Runs = append(res.Runs, Run{Config: "phaul", Workload: "cmd", FrozenMS: 30, TotalMS: 500, Bytes: 1 << 20, Rounds: 2})
 	return res
 }
 
@@ -62,21 +69,52 @@ func TestReportAgreesWithJSON(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, g := range groups(back.Runs) {
-		want := Summarize(func() []float64 {
-			var xs []float64
-			for _, r := range g.runs {
-				xs = append(xs, r.AppDowntimeMS)
-			}
-			return xs
-		}())
-		cell := strings.TrimSpace(strings.Split(strings.Split(string(md), "| "+sizeString(g.mem)+" | ")[1], "|")[2])
-		if !strings.HasPrefix(cell, fmt.Sprintf("%.1f (", want.Median)) {
-			t.Errorf("%s: report says %q, JSON median %v", sizeString(g.mem), cell, want.Median)
+	rows := tableRows(string(md), "| config |")
+	gs := groups(back.Runs)
+	if len(rows) != len(gs) {
+		t.Fatalf("%d table rows for %d groups:\n%s", len(rows), len(gs), md)
+	}
+	for i, g := range gs {
+		row := rows[i]
+		if row["config"] != g.config || row["workload"] != g.workload || row["memory"] != sizeString(g.mem) {
+			t.Errorf("row %d is %v, group %s/%s/%s", i, row, g.config, g.workload, sizeString(g.mem))
 		}
+		check := func(col string, xs []float64, prec int) {
+			t.Helper()
+			want := "–"
+			if s := Summarize(xs); s.N > 0 {
+				want = fmt.Sprintf("%.*f (%.*f–%.*f)", prec, s.Median, prec, s.Min, prec, s.Max)
+			}
+			if row[col] != want {
+				t.Errorf("%s %s %s: report says %q, JSON gives %q", g.config, sizeString(g.mem), col, row[col], want)
+			}
+		}
+		var app, frozen, src, tgt, mib []float64
+		for _, r := range g.runs {
+			if r.AppDowntimeMS != nil {
+				app = append(app, *r.AppDowntimeMS)
+			}
+			frozen = append(frozen, r.FrozenMS)
+			src = append(src, r.SourceCPU)
+			tgt = append(tgt, r.TargetCPU)
+			mib = append(mib, float64(r.Bytes)/(1<<20))
+		}
+		check("app downtime ms", app, 1)
+		check("frozen ms", frozen, 1)
+		check("source CPU s", src, 2)
+		check("target CPU s", tgt, 2)
+		check("MiB on wire", mib, 1)
+		check("client stall ms", nil, 1)
 	}
 	if !strings.Contains(string(md), "+1 failed") || !strings.Contains(string(md), "target refused: no room") {
 		t.Errorf("failed run not reported:\n%s", md)
+	}
+	if !strings.Contains(string(md), "## Notes\n\n- "+TCPUnavailable) {
+		t.Errorf("notes not reported:\n%s", md)
+	}
+	phases := tableRows(string(md), "| config | workload | memory | dirty pages/s | final_round |")
+	if len(phases) != 3 || phases[0]["commit"] != "–" || phases[1]["commit"] != "1.0" || phases[1]["new_phase"] != "1.0" || phases[2]["final_round"] != "2.0" {
+		t.Errorf("phase table %v", phases)
 	}
 	for _, f := range files {
 		if !strings.HasSuffix(f, ".svg") {
@@ -100,4 +138,38 @@ func TestNiceTicks(t *testing.T) {
 	if ticks[0] != 0 || ticks[len(ticks)-1] < 97 || len(ticks) > 8 {
 		t.Errorf("ticks %v", ticks)
 	}
+}
+
+// tableRows parses the Markdown table whose header line starts with
+// header into one map per row, keyed by the column names.
+func tableRows(md, header string) []map[string]string {
+	lines := strings.Split(md, "\n")
+	for i, l := range lines {
+		if !strings.HasPrefix(l, header) {
+			continue
+		}
+		split := func(l string) []string {
+			var out []string
+			for _, c := range strings.Split(strings.Trim(l, "|"), "|") {
+				out = append(out, strings.TrimSpace(c))
+			}
+			return out
+		}
+		cols := split(l)
+		var rows []map[string]string
+		for _, r := range lines[i+2:] {
+			if !strings.HasPrefix(r, "|") {
+				break
+			}
+			row := map[string]string{}
+			for j, c := range split(r) {
+				if j < len(cols) {
+					row[cols[j]] = c
+				}
+			}
+			rows = append(rows, row)
+		}
+		return rows
+	}
+	return nil
 }

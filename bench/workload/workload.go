@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/signal"
 	"strconv"
@@ -28,6 +29,13 @@ type Config struct {
 	Heartbeat time.Duration
 	// Random fills memory with incompressible data instead of heap-like data.
 	Random bool
+	// Pause is how long the workload stops writing and heartbeating when
+	// it pauses itself: once PauseAfter after READY (if PauseAfter > 0),
+	// and on every SIGUSR2. It gives the bench a pause of known length
+	// to measure.
+	Pause time.Duration
+	// PauseAfter schedules one self-pause this long after READY.
+	PauseAfter time.Duration
 }
 
 const pageSize = 4096
@@ -64,14 +72,22 @@ func (s *state) words(page int, gen uint32, fn func(off int, v uint64) bool) {
 }
 
 func (s *state) fill(page int, gen uint32) {
-	p := s.mem[page*pageSize : (page+1)*pageSize]
+	FillPage(s.mem[page*pageSize:(page+1)*pageSize], page, gen, s.random)
+	s.gens[page].Store(gen)
+}
+
+// FillPage writes into p (one 4096-byte page) what the workload's page
+// number page holds at generation gen: heap-like data, or random data.
+// Benchmarks use it to compress what the workload migrates.
+func FillPage(p []byte, page int, gen uint32, random bool) {
+	p = p[:pageSize]
 	binary.LittleEndian.PutUint64(p[0:], uint64(page))
 	binary.LittleEndian.PutUint32(p[8:], gen)
-	s.words(page, gen, func(off int, v uint64) bool {
+	clear(p[12:16])
+	(&state{random: random}).words(page, gen, func(off int, v uint64) bool {
 		binary.LittleEndian.PutUint64(p[off:], v)
 		return true
 	})
-	s.gens[page].Store(gen)
 }
 
 func (s *state) check(page int) error {
@@ -103,8 +119,14 @@ func (s *state) check(page int) error {
 // Lines:
 //
 //	READY pid=P pages=N
-//	BEAT seq=S writes=W maxgap_ms=G
+//	BEAT seq=S writes=W maxgap_ms=G gap_ms=g t_ms=T
+//	PAUSE ms=D
 //	CHECK seq=S OK pages=N | CHECK seq=S FAIL reason
+//
+// In a BEAT line, gap_ms is the time since the previous heartbeat, maxgap_ms
+// the largest such gap so far, and t_ms the wall-clock time of the beat in
+// milliseconds since the Unix epoch (so that a gap can be placed in time by
+// another process). Gaps are measured on the monotonic clock.
 func Run(cfg Config, out io.Writer) int {
 	w := bufio.NewWriter(out)
 	pages := int(cfg.MemBytes / pageSize)
@@ -142,6 +164,22 @@ func Run(cfg Config, out io.Writer) int {
 	signal.Notify(checkReq, syscall.SIGUSR1)
 	term := make(chan os.Signal, 1)
 	signal.Notify(term, syscall.SIGTERM)
+	pauseReq := make(chan os.Signal, 1)
+	signal.Notify(pauseReq, syscall.SIGUSR2)
+	var pauseAt <-chan time.Time
+	if cfg.PauseAfter > 0 && cfg.Pause > 0 {
+		pauseAt = time.After(cfg.PauseAfter)
+	}
+	pause := func() {
+		if cfg.Pause <= 0 {
+			return
+		}
+		mu.Lock() // writers stop too
+		time.Sleep(cfg.Pause)
+		mu.Unlock()
+		fmt.Fprintf(w, "PAUSE ms=%.1f\n", float64(cfg.Pause.Microseconds())/1000)
+		w.Flush()
+	}
 
 	fmt.Fprintf(w, "READY pid=%d pages=%d\n", os.Getpid(), pages)
 	w.Flush()
@@ -174,16 +212,59 @@ func Run(cfg Config, out io.Writer) int {
 			}
 			fmt.Fprintf(w, "CHECK seq=%d OK pages=%d writes=%d pid=%d\n", checks, pages, writes.Load(), os.Getpid())
 			w.Flush()
-		case now := <-tick.C:
+		case <-pauseAt:
+			pause()
+		case <-pauseReq:
+			pause()
+		case <-tick.C:
+			// The time of receipt, not the tick's: after a freeze the
+			// first tick is delivered late, and the gap is what the
+			// workload lived through.
+			now := time.Now()
 			seq++
-			if gap := now.Sub(last); gap > maxGap {
-				maxGap = gap
-			}
+			gap := now.Sub(last)
+			maxGap = max(maxGap, gap)
 			last = now
-			fmt.Fprintf(w, "BEAT seq=%d writes=%d maxgap_ms=%.1f\n", seq, writes.Load(), float64(maxGap.Microseconds())/1000)
+			fmt.Fprintf(w, "BEAT seq=%d writes=%d maxgap_ms=%.1f gap_ms=%.3f t_ms=%.3f\n", seq, writes.Load(),
+				float64(maxGap.Microseconds())/1000, float64(gap.Microseconds())/1000, float64(now.UnixMicro())/1000)
 			w.Flush()
 		}
 	}
+}
+
+// Beat is one heartbeat line.
+type Beat struct {
+	Seq      int
+	GapMS    float64 // since the previous beat
+	MaxGapMS float64 // largest gap so far
+	Time     time.Time
+}
+
+// ParseBeat parses a BEAT line; ok is false for any other line.
+func ParseBeat(line string) (b Beat, ok bool) {
+	rest, ok := strings.CutPrefix(line, "BEAT ")
+	if !ok {
+		return Beat{}, false
+	}
+	var seen int
+	for _, f := range strings.Fields(rest) {
+		k, v, _ := strings.Cut(f, "=")
+		x, err := strconv.ParseFloat(v, 64)
+		if err != nil {
+			continue
+		}
+		switch k {
+		case "seq":
+			b.Seq, seen = int(x), seen|1
+		case "gap_ms":
+			b.GapMS, seen = x, seen|2
+		case "maxgap_ms":
+			b.MaxGapMS = x
+		case "t_ms":
+			b.Time, seen = time.UnixMicro(int64(math.Round(x*1000))), seen|4
+		}
+	}
+	return b, seen == 7
 }
 
 // ParseSize parses a size such as 64M, 1G, 4096 or 256MiB.

@@ -1,9 +1,12 @@
 package workload
 
 import (
+	"bufio"
+	"io"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 func newState(pages int, random bool) *state {
@@ -53,5 +56,43 @@ func TestParseSize(t *testing.T) {
 		if _, err := ParseSize(bad); err == nil {
 			t.Errorf("ParseSize(%q) accepted", bad)
 		}
+	}
+}
+
+func TestParseBeat(t *testing.T) {
+	b, ok := ParseBeat("BEAT seq=12 writes=340 maxgap_ms=140.0 gap_ms=12.345 t_ms=1700000000123.456")
+	if !ok || b.Seq != 12 || b.GapMS != 12.345 || b.MaxGapMS != 140 || b.Time.UnixMicro() != 1700000000123456 {
+		t.Errorf("%+v %v", b, ok)
+	}
+	for _, bad := range []string{"BEAT seq=1 writes=2 maxgap_ms=3", "CHECK seq=1 OK", ""} {
+		if _, ok := ParseBeat(bad); ok {
+			t.Errorf("ParseBeat(%q) accepted", bad)
+		}
+	}
+}
+
+// TestPauseShowsInBeats runs the workload with a self-pause of a known
+// length and checks that its heartbeats report that gap.
+func TestPauseShowsInBeats(t *testing.T) {
+	if testing.Short() {
+		t.Skip("takes a second")
+	}
+	r, w := io.Pipe()
+	go Run(Config{MemBytes: 1 << 20, DirtyPagesPerSec: 1000, Heartbeat: 5 * time.Millisecond,
+		Pause: 200 * time.Millisecond, PauseAfter: 100 * time.Millisecond}, w)
+	defer r.Close()
+	sc := bufio.NewScanner(r)
+	var maxGap float64
+	deadline := time.Now().Add(5 * time.Second)
+	for sc.Scan() && time.Now().Before(deadline) {
+		if b, ok := ParseBeat(sc.Text()); ok {
+			maxGap = max(maxGap, b.GapMS)
+			if b.Seq >= 100 {
+				break
+			}
+		}
+	}
+	if maxGap < 200 || maxGap > 300 { // generous above: a loaded machine delays the wake-up
+		t.Errorf("largest gap %.1f ms, the workload paused 200 ms", maxGap)
 	}
 }

@@ -1,23 +1,19 @@
 package cli
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/spf13/pflag"
 
+	"github.com/phaul/phaul/bench"
 	"github.com/phaul/phaul/bench/workload"
 	"github.com/phaul/phaul/internal/sys"
-	"github.com/phaul/phaul/internal/topology"
 )
 
 func init() {
@@ -61,74 +57,41 @@ func runDemo(ctx context.Context, env *Env, mem string, dirty int) error {
 	say := func(format string, args ...any) { fmt.Fprintf(env.Stdout, "demo: "+format+"\n", args...) }
 
 	// 1. Two hosts: network namespaces on one bridge.
-	net, err := topology.New(ctx, "source", "target")
+	hosts, err := bench.NewHosts(ctx, self, work)
 	if err != nil {
-		return fmt.Errorf("build the two hosts: %w", err)
-	}
-	defer net.Close()
-	src, tgt := net.Host("source"), net.Host("target")
-	say("hosts: source %s (namespace %s), target %s (namespace %s, its own PID namespace)", src.Addr, src.NS, tgt.Addr, tgt.NS)
-
-	var stop []func()
-	defer func() {
-		for i := len(stop) - 1; i >= 0; i-- {
-			stop[i]()
-		}
-	}()
-	start := func(cmd *exec.Cmd, log string) error {
-		f, err := os.Create(log)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		cmd.Stdout, cmd.Stderr = f, f
-		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-		if err := cmd.Start(); err != nil {
-			return err
-		}
-		stop = append(stop, func() {
-			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-			done := make(chan struct{})
-			go func() { _ = cmd.Wait(); close(done) }()
-			select {
-			case <-done:
-			case <-time.After(5 * time.Second):
-				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-				<-done
-			}
-		})
-		return nil
-	}
-
-	// 2. The target daemon, and the workload on the source.
-	serveLog := filepath.Join(work, "serve.log")
-	if err := start(tgt.CommandNewPIDNS(ctx, self, "serve", "--listen", tgt.Addr+":7070", "--insecure", "-v"), serveLog); err != nil {
-		return fmt.Errorf("start phaul serve on the target: %w", err)
-	}
-	if _, err := waitLine(ctx, serveLog, "time=", 10*time.Second); err != nil {
 		return err
 	}
-	logPath := filepath.Join(work, "workload.log")
-	wl := src.Command(ctx, self, workloadCommand, "--mem", mem, "--dirty", fmt.Sprint(dirty), "--heartbeat", "10ms")
-	if err := start(wl, logPath); err != nil {
+	defer hosts.Close()
+	src, tgt := hosts.Source, hosts.Target
+	say("hosts: source %s (namespace %s), target %s (namespace %s, its own PID namespace)", src.Addr, src.NS, tgt.Addr, tgt.NS)
+
+	// 2. The target daemon, and the workload on the source.
+	serve, err := hosts.StartServe(ctx, 7070, "serve.log")
+	if err != nil {
+		return err
+	}
+	serveLog := serve.Log
+	wl, err := hosts.Start(src.Command(ctx, self, workloadCommand, "--mem", mem, "--dirty", fmt.Sprint(dirty), "--heartbeat", "10ms"), "workload.log")
+	if err != nil {
 		return fmt.Errorf("start the workload: %w", err)
 	}
-	pid := wl.Process.Pid
+	logPath := wl.Log
+	pid := wl.Cmd.Process.Pid
 	say("workload PID %d on the source: %s of memory, %d pages/s rewritten, a heartbeat every 10 ms", pid, mem, dirty)
-	if _, err := waitLine(ctx, logPath, "READY", 60*time.Second); err != nil {
+	if _, err := bench.WaitLine(ctx, logPath, "READY", 60*time.Second); err != nil {
 		return err
 	}
 	time.Sleep(500 * time.Millisecond)
 	_ = sys.Kill(pid, sys.SIGUSR1)
-	line, err := waitLine(ctx, logPath, "CHECK seq=1 ", 60*time.Second)
+	line, err := bench.WaitLine(ctx, logPath, "CHECK seq=1 ", 60*time.Second)
 	if err != nil {
 		return err
 	}
 	say("self-check on the source: %s", line)
 
 	// 3. Migrate, with the rounds shown as they go.
-	say("phaul migrate --to %s:7070 %d", tgt.Addr, pid)
-	mig := src.Command(ctx, self, "migrate", "--to", tgt.Addr+":7070", "--insecure", "--json", fmt.Sprint(pid))
+	say("phaul migrate --to %s %d", serve.Addr, pid)
+	mig := src.Command(ctx, self, "migrate", "--to", serve.Addr, "--insecure", "--json", fmt.Sprint(pid))
 	mig.Stderr = env.Stdout
 	out, err := mig.Output()
 	if err != nil {
@@ -148,14 +111,14 @@ func runDemo(ctx context.Context, env *Env, mem string, dirty int) error {
 		res.DowntimeMS, res.TotalMS, res.Rounds, humanBytes(res.BytesSent), res.PagesSent)
 
 	// 4. The workload proves it carried on, on the target.
-	moved := topology.NestedPid(pid)
+	moved := serve.Lookup(pid)
 	if moved == 0 {
 		return fmt.Errorf("no process with PID %d on the target", pid)
 	}
 	say("on the target the workload is PID %d in its namespace (%d seen from here); the original on the source is gone: %v",
-		pid, moved, !alive(pid))
+		pid, moved, !bench.Alive(pid))
 	_ = sys.Kill(moved, sys.SIGUSR1)
-	line, err = waitLine(ctx, logPath, "CHECK seq=2 ", 60*time.Second)
+	line, err = bench.WaitLine(ctx, logPath, "CHECK seq=2 ", 60*time.Second)
 	if err != nil {
 		return err
 	}
@@ -164,59 +127,12 @@ func runDemo(ctx context.Context, env *Env, mem string, dirty int) error {
 	}
 	say("self-check on the target: %s", line)
 	time.Sleep(200 * time.Millisecond)
-	beat, _ := lastLine(logPath, "BEAT ")
+	beat, _ := bench.LastLine(logPath, "BEAT ")
 	say("heartbeats go on: %s (maxgap is the pause the workload itself saw)", beat)
 	_ = sys.Kill(moved, sys.SIGTERM)
-	if _, err := waitLine(ctx, logPath, "EXIT", 10*time.Second); err == nil {
+	if _, err := bench.WaitLine(ctx, logPath, "EXIT", 10*time.Second); err == nil {
 		say("the workload exited cleanly on the target")
 	}
 	say("cleaning up the hosts; done")
 	return nil
-}
-
-// alive reports whether pid runs (a zombie waiting to be reaped does not).
-func alive(pid int) bool {
-	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	i := strings.LastIndexByte(string(st), ')')
-	return i > 0 && i+2 < len(st) && st[i+2] != 'Z'
-}
-
-// waitLine waits until the file at path has a line starting with prefix and
-// returns the newest such line.
-func waitLine(ctx context.Context, path, prefix string, timeout time.Duration) (string, error) {
-	deadline := time.Now().Add(timeout)
-	for {
-		if l, ok := lastLine(path, prefix); ok {
-			return l, nil
-		}
-		if time.Now().After(deadline) {
-			tail, _ := os.ReadFile(path)
-			return "", fmt.Errorf("no %q line from the workload within %v; its output:\n%s", prefix, timeout, tail)
-		}
-		select {
-		case <-ctx.Done():
-			return "", ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-}
-
-func lastLine(path, prefix string) (string, bool) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", false
-	}
-	defer f.Close()
-	var last string
-	found := false
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if strings.HasPrefix(sc.Text(), prefix) {
-			last, found = sc.Text(), true
-		}
-	}
-	return last, found
 }
