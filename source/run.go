@@ -306,9 +306,12 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		}})
 	if err != nil {
 		// Freeze resumed the process. If it failed before taking up the
-		// parked tracking, remove that from the process here.
-		if t, terr := tracker.Resume(context.Background(), cfg.Pid, dir, tracker.Options{Logger: m.log}); terr == nil {
-			_ = t.Stop()
+		// parked tracking (which marks the state consumed, and removes the
+		// tracking when it resumes the process), remove that here.
+		if st, serr := tracker.ReadState(dir); serr == nil && !st.GetConsumed() {
+			if t, terr := tracker.Resume(context.Background(), cfg.Pid, dir, tracker.Options{Logger: m.log}); terr == nil {
+				_ = t.Stop()
+			}
 		}
 		return nil, err
 	}
