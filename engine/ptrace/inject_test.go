@@ -254,8 +254,7 @@ func TestBatch(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		area, err := in.Syscall(sys.SYS_MMAP, 0, 8192, sys.PROT_READ|sys.PROT_WRITE|sys.PROT_EXEC,
-			sys.MAP_PRIVATE|sys.MAP_ANONYMOUS, ^uint64(0), 0)
+		area, err := in.MapScratch(8192) // executable
 		if err != nil {
 			return err
 		}
@@ -283,7 +282,7 @@ func TestBatch(t *testing.T) {
 		if !errors.Is(err, sys.Errno(9)) || !strings.Contains(err.Error(), "call 1 ") || len(res) != 1 {
 			t.Errorf("batch with a failing call: %v (results %v), want EBADF at call 1", err, res)
 		}
-		if _, err := in.Syscall(sys.SYS_MUNMAP, area, 8192); err != nil {
+		if err := in.UnmapScratch(); err != nil {
 			return err
 		}
 		if err := in.Close(); err != nil {
@@ -333,8 +332,7 @@ func BenchmarkInjectBatch(b *testing.B) {
 		if err != nil {
 			return err
 		}
-		area, err := in.Syscall(sys.SYS_MMAP, 0, 8192, sys.PROT_READ|sys.PROT_WRITE|sys.PROT_EXEC,
-			sys.MAP_PRIVATE|sys.MAP_ANONYMOUS, ^uint64(0), 0)
+		area, err := in.MapScratch(8192) // executable
 		if err != nil {
 			return err
 		}
