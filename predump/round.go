@@ -34,6 +34,14 @@ type Options struct {
 	// Previous holds the pages the previous round recorded (present in its
 	// copy); nil when there is none, and every present page is read.
 	Previous tracker.Ranges
+	// Layout, when set, bounds the round to these address ranges: the
+	// mappings the copy was told about before the round (a migration
+	// target maps them first). Present pages outside it (memory mapped
+	// since) are left to a later round: Result.Deferred.
+	Layout tracker.Ranges
+	// Deferred holds the pages earlier rounds left out (their
+	// Result.Deferred): read if present, whatever the tracker says.
+	Deferred tracker.Ranges
 }
 
 // Stats describe one round.
@@ -72,6 +80,9 @@ type Result struct {
 	// Recorded holds every page the sink now has: the Previous of the next
 	// round.
 	Recorded tracker.Ranges `json:"-"`
+	// Deferred holds the present pages the round left out, outside
+	// Options.Layout: the Deferred of the next round.
+	Deferred tracker.Ranges `json:"-"`
 }
 
 // readBuffers is how many batch buffers the reading runs ahead of the
@@ -128,13 +139,18 @@ func Run(ctx context.Context, t tracker.Tracker, sink Sink, opt Options) (*Resul
 	// was written since cannot hold anything of the process's own.
 	var within tracker.Ranges
 	if opt.Previous != nil {
-		within = tracker.Union(opt.Previous, d.Dirty)
+		within = tracker.Union(tracker.Union(opt.Previous, d.Dirty), opt.Deferred)
 	}
+	var deferred []tracker.Range
 	var ops []op
 	for _, a := range d.Areas {
 		present, err := pm.PresentWithin(a, within)
 		if err != nil {
 			return nil, fmt.Errorf("pre-dump round of %d: %w", pid, err)
+		}
+		if opt.Layout != nil {
+			deferred = append(deferred, tracker.Subtract(present, opt.Layout)...)
+			present = tracker.Intersect(present, opt.Layout)
 		}
 		res.PagesPresent += present.Pages()
 		res.PagesDirty += tracker.Intersect(present, d.Dirty).Pages()
@@ -151,6 +167,7 @@ func Run(ctx context.Context, t tracker.Tracker, sink Sink, opt Options) (*Resul
 		}
 	}
 
+	res.Deferred = tracker.Normalize(deferred)
 	done := make(chan struct{})
 	defer close(done)
 	free := make(chan []byte, readBuffers)

@@ -142,3 +142,40 @@ func rangesEqual(a, b tracker.Ranges) bool {
 	}
 	return true
 }
+
+// TestRoundLayout bounds a round to a layout that lacks the workload's
+// region (as if the region was mapped after the layout was read): the
+// round leaves it out, and the next round, not bounded, reads all of it.
+func TestRoundLayout(t *testing.T) {
+	testutil.SkipIfNotSupported(t, tracker.Supported(tracker.UffdWP))
+	s := startSpin(t, "--mib", "4", "--hot", "8", "--rate", "100")
+	tr, err := tracker.Start(context.Background(), s.Pid, tracker.Options{Backend: tracker.UffdWP})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Stop()
+	region := tracker.Ranges{{Start: s.Addr, End: s.Addr + s.Pages*predump.PageSize}}
+	layout := tracker.Subtract(tracker.Ranges{{Start: 0, End: 1 << 47}}, region)
+	sink := &memSink{}
+	res, err := predump.Run(context.Background(), tr, sink, predump.Options{Layout: layout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := tracker.Union(tracker.Union(sink.written, sink.zero), sink.kept)
+	if got := tracker.Intersect(all, region); len(got) != 0 {
+		t.Fatalf("the round sent %v, outside its layout", got)
+	}
+	if len(tracker.Intersect(res.Recorded, region)) != 0 || len(all) == 0 {
+		t.Fatalf("recorded %v, sent %v", res.Recorded, all)
+	}
+	sink = &memSink{}
+	if got := tracker.Intersect(res.Deferred, region); !rangesEqual(got, region) {
+		t.Errorf("deferred %v, want the region %v", res.Deferred, region)
+	}
+	if _, err := predump.Run(context.Background(), tr, sink, predump.Options{Previous: res.Recorded, Deferred: res.Deferred}); err != nil {
+		t.Fatal(err)
+	}
+	if got := tracker.Intersect(sink.written, region); got.Pages() != s.Pages {
+		t.Errorf("the next round wrote %d pages of the region, want all %d", got.Pages(), s.Pages)
+	}
+}

@@ -179,15 +179,8 @@ func (m *migration) abort(reason string) {
 	}
 }
 
-// beginRound sends the process's layout for round: vmas, or when nil the
-// layout read now.
+// beginRound sends the process's layout for round.
 func (m *migration) beginRound(ctx context.Context, round int, vmas []*imagepb.VMA) error {
-	if vmas == nil {
-		var err error
-		if vmas, err = engine.Layout(m.cfg.Pid); err != nil {
-			return fmt.Errorf("layout for round %d: %w", round, err)
-		}
-	}
 	blob, err := proto.Marshal(&imagepb.Process{Pid: int32(m.cfg.Pid), Vmas: vmas})
 	if err != nil {
 		return err
@@ -221,23 +214,27 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	}
 	defer sender.Close()
 	res := &Result{Pid: cfg.Pid, Tracker: t.Backend()}
-	var prev tracker.Ranges
+	var prev, deferred tracker.Ranges // recorded by the target; mapped too late for a round's layout
 	var rounds []Round
 	round := 0
 	for ; ; round++ {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		if err := m.beginRound(ctx, round, nil); err != nil {
+		vmas, err := engine.Layout(cfg.Pid)
+		if err != nil {
+			return nil, fmt.Errorf("layout for round %d: %w", round, err)
+		}
+		if err := m.beginRound(ctx, round, vmas); err != nil {
 			return nil, err
 		}
 		before := sender.Stats()
 		t0 := time.Now()
-		r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev})
+		r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev, Layout: layoutRanges(vmas), Deferred: deferred})
 		if err != nil {
 			return nil, fmt.Errorf("round %d: %w", round, err)
 		}
-		prev = r.Recorded
+		prev, deferred = r.Recorded, r.Deferred
 		d := sender.Stats().Sub(before)
 		took := time.Since(t0)
 		if _, err := m.control.RoundDone(ctx, &migrationpb.RoundDoneRequest{MigrationId: m.id, Stats: &migrationpb.RoundStats{
@@ -296,7 +293,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 			}
 			layoutDone := time.Now()
 			before := sender.Stats()
-			r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev})
+			r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev, Deferred: deferred})
 			if err != nil {
 				return fmt.Errorf("final round: %w", err)
 			}
