@@ -11,11 +11,21 @@
 // restored processes, orphaned when `phaul restore -d` exits, are
 // re-parented to it and reaped by the tests.
 //
+// The live-migration tests run two host-like network namespaces (package
+// internal/topology), the target's phaul serve in a PID namespace of its
+// own. TestMigrateFault is the fault-injection matrix of migration, one
+// subtest per STEP/FAULT (round1/kill-target, commit/lost-answer, ...):
+// fault points armed through PHAUL_FAULT (package internal/fault) break
+// the migration at that step, then exactly one copy of the process must
+// run, with its memory intact, and the target must take the next
+// migration. TestMigrateTLS covers mutual TLS and the refusals.
+//
 // The tests need root (ptrace of any process, chosen PIDs with clone3).
 //
 //	go test ./e2e                              # everything
 //	go test ./e2e -run TestHarness             # the fixtures and harness only (no phaul needed)
 //	go test ./e2e -run TestDumpRestoreMemory -v
+//	go test ./e2e -run 'TestMigrateFault/commit/' -v   # one step of the fault matrix
 //	go test ./e2e -run '^$' -bench Dump -benchtime 3x
 //
 // The package holds test files only, besides this one.

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/phaul/phaul/internal/fault"
 	"github.com/phaul/phaul/pagestream"
 	"github.com/phaul/phaul/protocol/migrationpb"
 )
@@ -134,7 +135,10 @@ func (s *Service) apply(dec *pagestream.Decoder, store *Store, m *migrationpb.Pa
 		return status.Errorf(batchCode(err), "page stream: %v", err)
 	}
 	defer b.Release()
-	err = store.Apply(b)
+	err = fault.Point(fault.TargetBatch) // test-only; nil unless armed
+	if err == nil {
+		err = store.Apply(b)
+	}
 	ack.Seq = b.Seq
 	ack.Batches++
 	ack.PagesData += b.DataPages()

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/phaul/phaul/engine/image"
+	"github.com/phaul/phaul/internal/fault"
 	"github.com/phaul/phaul/protocol/migrationpb"
 )
 
@@ -545,6 +546,7 @@ func (b *outBatch) encode(enc *Encoder, pageSize int) {
 	if w > 0 {
 		data := raw[:w]
 		m.Crc32C = Checksum(data)
+		_ = fault.Data(fault.SourceBatch, data) // test-only; nothing unless armed
 		if enc.Codec() != CodecNone {
 			b.dst = getBuffer(maxEncodedLen(enc.Codec(), w))
 			m.Payload, m.Codec = enc.Encode((*b.dst)[:0], data)

@@ -7,6 +7,8 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/phaul/phaul/internal/fault"
 )
 
 // gRPC tuning for bulk page streams on a session: large flow-control
@@ -22,14 +24,14 @@ const (
 // have; ServeGRPC's server is expected to be built with them (and may add
 // its own).
 func GRPCServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{
+	return append([]grpc.ServerOption{
 		grpc.InitialWindowSize(grpcWindow),
 		grpc.InitialConnWindowSize(grpcWindow),
 		grpc.ReadBufferSize(grpcBuffer),
 		grpc.WriteBufferSize(grpcBuffer),
 		grpc.MaxRecvMsgSize(grpcMaxMessage),
 		grpc.MaxSendMsgSize(grpcMaxMessage),
-	}
+	}, fault.ServerOptions()...) // test-only fault points; none unless armed
 }
 
 // ServeGRPC serves srv on the streams the peer opens, until the session
@@ -64,6 +66,7 @@ func (s *Session) DialGRPC(opts ...grpc.DialOption) (*grpc.ClientConn, error) {
 		grpc.WithWriteBufferSize(grpcBuffer),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(grpcMaxMessage), grpc.MaxCallSendMsgSize(grpcMaxMessage)),
 	}
+	base = append(base, fault.DialOptions()...) // test-only fault points; none unless armed
 	cc, err := grpc.NewClient("passthrough:///phaul-session", append(base, opts...)...)
 	if err != nil {
 		return nil, err

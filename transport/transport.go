@@ -10,9 +10,12 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/yamux"
+
+	"github.com/phaul/phaul/internal/fault"
 )
 
 // preamble is what each end sends first on a new connection (after TLS):
@@ -45,6 +48,8 @@ type Session struct {
 	mux  *yamux.Session
 	peer Peer
 	log  *slog.Logger
+	// untrack forgets the connection for fault injection (tests only).
+	untrack func()
 }
 
 // Open opens a stream to the peer.
@@ -81,7 +86,12 @@ func (s *Session) Peer() Peer { return s.peer }
 func (s *Session) Done() <-chan struct{} { return s.mux.CloseChan() }
 
 // Close ends the session and its connection. It is idempotent.
-func (s *Session) Close() error { return s.mux.Close() }
+func (s *Session) Close() error {
+	if s.untrack != nil {
+		s.untrack()
+	}
+	return s.mux.Close()
+}
 
 // Listener accepts sessions.
 type Listener struct {
@@ -182,6 +192,7 @@ func (l *Listener) serveConn(ctx context.Context, conn net.Conn, handle func(con
 		return
 	}
 	defer sess.Close()
+	defer fault.Track(conn)()
 	stop := context.AfterFunc(ctx, func() { sess.Close() })
 	defer stop()
 	log.Info("session open", "identity", sess.peer.Identity, "tls", sess.peer.TLS)
@@ -241,6 +252,7 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Session, error) {
 		conn.Close()
 		return nil, fmt.Errorf("dial %s: %w", cfg.Address, err)
 	}
+	sess.untrack = fault.Track(conn)
 	return sess, nil
 }
 
@@ -259,6 +271,10 @@ func dialSession(ctx context.Context, conn net.Conn, tlsConf *tls.Config, cfg Cl
 		conn = tc
 	}
 	if err := exchangePreamble(ctx, conn); err != nil {
+		if tlsConf == nil && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+			// A TLS server drops a plain client's hello without a word.
+			return nil, fmt.Errorf("%w: the target closed the connection; does it require TLS? (give --tls-cert, --tls-key and --tls-ca)", err)
+		}
 		return nil, err
 	}
 	mux, err := yamux.Client(conn, cfg.yamux())

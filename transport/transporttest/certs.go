@@ -58,6 +58,13 @@ func NewCA(t testing.TB, name string) *CA {
 // use on 127.0.0.1, ::1 and localhost, and returns its PEM files.
 func (ca *CA) Issue(t testing.TB, name string) (certFile, keyFile string) {
 	t.Helper()
+	return ca.IssueFor(t, name)
+}
+
+// IssueFor is Issue for a certificate that is also valid for hosts (IP
+// addresses or DNS names), for hosts other than this one.
+func (ca *CA) IssueFor(t testing.TB, name string, hosts ...string) (certFile, keyFile string) {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -75,6 +82,13 @@ func (ca *CA) Issue(t testing.TB, name string) (certFile, keyFile string) {
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		DNSNames:     []string{"localhost"},
 		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.key)
 	if err != nil {
