@@ -50,7 +50,7 @@ func inotifyState(pid, fd int, info *proc.FDInfo) (*imagepb.Inotify, error) {
 	if err != nil {
 		return nil, err
 	}
-	cp, err := takeFD(pid, fd)
+	cp, err := sys.CopyFD(pid, fd)
 	if err != nil {
 		return nil, err
 	}

@@ -107,12 +107,7 @@ func socketDomain(f *os.File) (int, error) {
 
 // socketCopy takes a copy of descriptor fd of pid with pidfd_getfd.
 func (ft *fileTable) socketCopy(pid, fd int) (*os.File, error) {
-	pidfd, err := sys.PidfdOpen(pid)
-	if err != nil {
-		return nil, err
-	}
-	defer sys.Close(pidfd)
-	sfd, err := sys.PidfdGetfd(pidfd, fd)
+	sfd, err := sys.CopyFD(pid, fd)
 	if err != nil {
 		return nil, err
 	}

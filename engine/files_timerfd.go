@@ -62,7 +62,7 @@ func timerfdState(pid, fd int, info *proc.FDInfo) (*imagepb.TimerFD, error) {
 	if t.SettimeFlags&^timerfdSettimeFlags != 0 {
 		return nil, unsupported("timerfd with settime flags %#o, which phaul does not know", t.SettimeFlags)
 	}
-	cp, err := takeFD(pid, fd)
+	cp, err := sys.CopyFD(pid, fd)
 	if err != nil {
 		return nil, err
 	}
@@ -105,17 +105,6 @@ func timerfdState(pid, fd int, info *proc.FDInfo) (*imagepb.TimerFD, error) {
 			return st, nil
 		}
 	}
-}
-
-// takeFD returns a copy of descriptor fd of pid (pidfd_getfd): the same
-// open file description.
-func takeFD(pid, fd int) (int, error) {
-	pidfd, err := sys.PidfdOpen(pid)
-	if err != nil {
-		return -1, err
-	}
-	defer sys.Close(pidfd)
-	return sys.PidfdGetfd(pidfd, fd)
 }
 
 // signalfdState reads the signal mask of a signalfd.

@@ -176,12 +176,7 @@ func (r *restorer) openInotify(f *imagepb.File) (uint64, error) {
 // drainInotify reads away the n IN_IGNORED events that removing the spare
 // watches queued on the new instance fd, from a copy of the descriptor.
 func (r *restorer) drainInotify(fd uint64, n int) error {
-	pidfd, err := sys.PidfdOpen(r.pid)
-	if err != nil {
-		return err
-	}
-	defer sys.Close(pidfd)
-	cp, err := sys.PidfdGetfd(pidfd, int(fd))
+	cp, err := sys.CopyFD(r.pid, int(fd))
 	if err != nil {
 		return err
 	}

@@ -617,12 +617,7 @@ func (r *restorer) openPipe(f *imagepb.File) (uint64, error) {
 // fillPipe writes data into the pipe whose write end is descriptor wfd of
 // the new process, through a copy of that end taken with pidfd_getfd.
 func (r *restorer) fillPipe(wfd uint64, data []byte) error {
-	pidfd, err := sys.PidfdOpen(r.pid)
-	if err != nil {
-		return err
-	}
-	defer sys.Close(pidfd)
-	w, err := sys.PidfdGetfd(pidfd, int(wfd))
+	w, err := sys.CopyFD(r.pid, int(wfd))
 	if err != nil {
 		return err
 	}

@@ -110,12 +110,7 @@ func (t *uffdTracker) adopt(fd int, ino uint64) bool {
 	if !t.isParked(fd, ino) {
 		return false
 	}
-	pidfd, err := sys.PidfdOpen(t.pid)
-	if err != nil {
-		return false
-	}
-	defer sys.Close(pidfd)
-	ours, err := sys.PidfdGetfd(pidfd, fd)
+	ours, err := sys.CopyFD(t.pid, fd)
 	if err != nil {
 		return false
 	}

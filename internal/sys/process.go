@@ -66,6 +66,17 @@ func PidfdGetfd(pidfd, targetfd int) (int, error) {
 	return fd, wrap("pidfd_getfd", err)
 }
 
+// CopyFD returns a copy of descriptor fd of process pid, the same open
+// file description (pidfd_open and pidfd_getfd).
+func CopyFD(pid, fd int) (int, error) {
+	pidfd, err := PidfdOpen(pid)
+	if err != nil {
+		return -1, err
+	}
+	defer Close(pidfd)
+	return PidfdGetfd(pidfd, fd)
+}
+
 // Close closes fd.
 func Close(fd int) error { return wrap("close", unix.Close(fd)) }
 
