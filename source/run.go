@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"syscall"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -355,8 +354,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	cr, err := m.control.Commit(cctx, &migrationpb.CommitRequest{MigrationId: m.id})
 	if err != nil || !cr.GetResumed() {
 		done = true
-		// Stop it for good (a group stop outlives phaul's ptrace hold).
-		_ = syscall.Kill(cfg.Pid, syscall.SIGSTOP)
+		// Held: let go, it takes the SIGSTOP queued by Hold.
 		if rerr := fz.Resume(); rerr != nil {
 			m.log.Error("release the original", "err", rerr)
 		}
