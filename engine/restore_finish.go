@@ -80,9 +80,6 @@ func (r *restorer) prepare() error {
 		timing = append(timing, s.what, time.Since(t))
 	}
 	r.log.Debug("prepared", timing...)
-	if err := r.setTrapIgnored(); err != nil {
-		return fmt.Errorf("restore signal handlers: %w", err)
-	}
 	if err := in.UnmapScratch(); err != nil {
 		return err
 	}
@@ -295,9 +292,6 @@ func (r *restorer) setSigactions() error {
 	buf := make([]byte, 32*len(acts))
 	var c calls
 	for i, a := range acts {
-		if a.Signo == int32(sys.SIGTRAP) && a.Handler == sigIgn {
-			continue // setTrapIgnored: after the last batch
-		}
 		b := buf[32*i:]
 		binary.LittleEndian.PutUint64(b[0:], a.Handler)
 		binary.LittleEndian.PutUint64(b[8:], a.Flags)
@@ -310,33 +304,6 @@ func (r *restorer) setSigactions() error {
 	}
 	_, err := c.run(r.main)
 	return err
-}
-
-// sigIgn is SIG_IGN as a handler address.
-const sigIgn = 1
-
-// setTrapIgnored ignores SIGTRAP if the process did: the trap that ends
-// each batch of injected calls would have reset that disposition.
-//
-// Precondition: called on the Tracer thread, after the last batch.
-func (r *restorer) setTrapIgnored() error {
-	for _, a := range r.img.Sigactions {
-		if a.Signo != int32(sys.SIGTRAP) || a.Handler != sigIgn {
-			continue
-		}
-		b := make([]byte, 32)
-		binary.LittleEndian.PutUint64(b[0:], a.Handler)
-		binary.LittleEndian.PutUint64(b[8:], a.Flags)
-		binary.LittleEndian.PutUint64(b[16:], a.Restorer)
-		binary.LittleEndian.PutUint64(b[24:], a.Mask)
-		if err := r.main.WriteMemory(r.scratch+scratchSigactions, b); err != nil {
-			return err
-		}
-		if _, err := r.main.Syscall(sys.SYS_RT_SIGACTION, uint64(a.Signo), r.scratch+scratchSigactions, 0, 8); err != nil {
-			return fmt.Errorf("signal %d: %w", a.Signo, err)
-		}
-	}
-	return nil
 }
 
 // setTimers restores interval timers and resource limits.

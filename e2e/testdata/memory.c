@@ -61,7 +61,7 @@ static int fd_input, fd_null, fd_random;
 static off_t input_off;
 static char cwd0[PATH_MAX];
 static int stdio_flags[3];
-static struct sigaction act_usr1, act_usr2, act_term;
+static struct sigaction act_usr1, act_usr2, act_term, act_trap;
 static stack_t alt0;
 static sigset_t mask0;
 static uint64_t progress, last_progress;
@@ -163,9 +163,18 @@ static void setup_signals(void)
 	if (sigaction(SIGTERM, &sa, NULL))
 		die("sigaction TERM");
 
+	/* Ignored SIGTRAP: phaul's injected code ends with a trap, and the
+	 * kernel resets an ignored disposition when a trap forces the signal. */
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = SIG_IGN;
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(SIGTRAP, &sa, NULL))
+		die("sigaction TRAP");
+
 	act_usr1 = query_action(SIGUSR1);
 	act_usr2 = query_action(SIGUSR2);
 	act_term = query_action(SIGTERM);
+	act_trap = query_action(SIGTRAP);
 	sigprocmask(SIG_BLOCK, NULL, &mask0);
 }
 
@@ -461,6 +470,7 @@ static void check_process(struct verdict *v)
 	check_action(v, SIGUSR1, "SIGUSR1", &act_usr1);
 	check_action(v, SIGUSR2, "SIGUSR2", &act_usr2);
 	check_action(v, SIGTERM, "SIGTERM", &act_term);
+	check_action(v, SIGTRAP, "SIGTRAP", &act_trap);
 	stack_t ss;
 	memset(&ss, 0, sizeof(ss));
 	sigaltstack(NULL, &ss);

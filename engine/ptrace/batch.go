@@ -15,10 +15,13 @@ type Call struct {
 
 // batchCode runs the calls of a table, in order, in the tracee and traps
 // after the last one or at the first that fails. On entry rbx points at the
-// table and r12 holds the number of entries; each entry is eight words:
-// the call number, six arguments, and the slot its result is stored in.
-// Only rax, rcx, r11 (the system call's) and the argument registers, rbx
-// and r12 change; no stack is used.
+// table, r12 holds the number of entries and r14 the place for a struct
+// sigaction; each entry is eight words: the call number, six arguments,
+// and the slot its result is stored in. Before the trap it saves the
+// SIGTRAP disposition at r14 (the trap resets an ignored one; Batch puts
+// it back) and keeps the last call's result in r13. Only rax, rcx, r11
+// (the system call's), the argument registers, rbx, r12 and r13 change;
+// no stack is used.
 var batchCode = []byte{
 	0x4d, 0x85, 0xe4, // loop: test r12, r12
 	0x74, 0x32, //        je done
@@ -36,12 +39,21 @@ var batchCode = []byte{
 	0x48, 0x83, 0xc3, 0x40, // add rbx, 64
 	0x49, 0xff, 0xcc, //  dec r12
 	0xeb, 0xc9, //        jmp loop
-	0xcc, //              done: int3
+	0x49, 0x89, 0xc5, //  done: mov r13, rax
+	0xb8, 0x0d, 0x00, 0x00, 0x00, // mov eax, SYS_rt_sigaction
+	0xbf, 0x05, 0x00, 0x00, 0x00, // mov edi, SIGTRAP
+	0x31, 0xf6, //        xor esi, esi
+	0x4c, 0x89, 0xf2, //  mov rdx, r14
+	0x41, 0xba, 0x08, 0x00, 0x00, 0x00, // mov r10d, 8
+	0x0f, 0x05, //        syscall
+	0xcc, //              int3
 }
 
 const (
-	batchEntry = 64 // bytes per table entry
-	batchTable = 64 // offset of the table in the batch area (after the code)
+	batchSaved = 96  // offset of the saved SIGTRAP disposition in the area
+	batchTable = 128 // offset of the table in the area
+	batchEntry = 64  // bytes per table entry
+	sigIgn     = 1   // SIG_IGN
 )
 
 // UseBatchArea declares size bytes of tracee memory at addr, mapped
@@ -56,9 +68,8 @@ func (in *Injector) UseBatchArea(addr, size uint64) { in.batch, in.batchSize = a
 // failed call (a sys.Errno inside). Processes or threads the calls create
 // are reported in Children, as with Syscall.
 //
-// The trap that ends a batch resets a SIGTRAP disposition of SIG_IGN to
-// SIG_DFL (the kernel does so for a forced signal): a caller restoring
-// that disposition sets it after its last batch.
+// The trap that ends a batch would reset a SIGTRAP disposition of SIG_IGN
+// (the kernel does so for a forced signal); Batch puts it back.
 //
 // Precondition: called on the Tracer thread, with a batch area declared.
 func (in *Injector) Batch(calls []Call) ([]uint64, error) {
@@ -99,6 +110,7 @@ func (in *Injector) batchOnce(calls []Call) ([]uint64, error) {
 	r.Orig_rax = ^uint64(0)
 	r.Rbx = in.batch + batchTable
 	r.R12 = uint64(len(calls))
+	r.R14 = in.batch + batchSaved
 	r.Eflags &^= 1 << 8 // no single-stepping
 	if err := sys.PtraceSetRegs(in.Tid, &r); err != nil {
 		return nil, fmt.Errorf("batch in %d: set regs: %w", in.Tid, err)
@@ -137,23 +149,32 @@ func (in *Injector) batchOnce(calls []Call) ([]uint64, error) {
 			return nil, fmt.Errorf("batch in %d: signal %d at rip %#x during injection", in.Tid, st.Signal(), got.Rip)
 		}
 		// The trap is taken: the SIGTRAP is never delivered (the next
-		// resume passes no signal).
+		// resume passes no signal). An ignored SIGTRAP was reset by it.
+		if ret := int64(got.Rax); ret < 0 && ret >= -4095 {
+			return nil, fmt.Errorf("batch in %d: save SIGTRAP disposition: %w", in.Tid, sys.Errno(-ret))
+		}
 		left := int(got.R12)
 		done := len(calls) - left
-		res := make([]byte, batchEntry*len(calls))
-		if err := in.ReadMemory(in.batch+batchTable, res); err != nil {
+		res := make([]byte, batchTable-batchSaved+batchEntry*len(calls))
+		if err := in.ReadMemory(in.batch+batchSaved, res); err != nil {
 			return nil, fmt.Errorf("batch in %d: %w", in.Tid, err)
 		}
+		if binary.LittleEndian.Uint64(res) == sigIgn {
+			if _, err := in.Syscall(sys.SYS_RT_SIGACTION, uint64(sys.SIGTRAP), in.batch+batchSaved, 0, 8); err != nil {
+				return nil, fmt.Errorf("batch in %d: ignore SIGTRAP again: %w", in.Tid, err)
+			}
+		}
+		table := res[batchTable-batchSaved:]
 		out := make([]uint64, done)
 		for i := range out {
-			out[i] = binary.LittleEndian.Uint64(res[batchEntry*i+56:])
+			out[i] = binary.LittleEndian.Uint64(table[batchEntry*i+56:])
 		}
 		if left > 0 {
 			c := calls[done]
-			if ret := int64(got.Rax); ret < 0 && ret >= -4095 {
+			if ret := int64(got.R13); ret < 0 && ret >= -4095 {
 				return out, fmt.Errorf("call %d of the batch (syscall %d): %w", done, c.Nr, sys.Errno(-ret))
 			}
-			return out, fmt.Errorf("batch in %d: stopped at call %d with %#x", in.Tid, done, got.Rax)
+			return out, fmt.Errorf("batch in %d: stopped at call %d with %#x", in.Tid, done, got.R13)
 		}
 		return out, nil
 	}
