@@ -1,6 +1,7 @@
 package source
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -164,6 +165,7 @@ type migration struct {
 	id      string
 	control migrationpb.ControlClient
 	xsave   uint64
+	layout  []byte // the layout the target has (last BeginRound)
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
@@ -178,17 +180,23 @@ func (m *migration) abort(reason string) {
 	}
 }
 
-// beginRound sends the process's layout for round.
+// beginRound sends the process's layout for round, unless the target has
+// it already: the final round runs in the downtime, and a process's layout
+// rarely changes between its last rounds.
 func (m *migration) beginRound(ctx context.Context, round int, vmas []*imagepb.VMA) error {
-	blob, err := proto.Marshal(&imagepb.Process{Pid: int32(m.cfg.Pid), Vmas: vmas})
+	blob, err := proto.MarshalOptions{Deterministic: true}.Marshal(&imagepb.Process{Pid: int32(m.cfg.Pid), Vmas: vmas})
 	if err != nil {
 		return err
+	}
+	if bytes.Equal(blob, m.layout) {
+		return nil
 	}
 	_, err = m.control.BeginRound(ctx, &migrationpb.BeginRoundRequest{MigrationId: m.id, Round: uint32(round),
 		Layouts: []*migrationpb.ProcessBlob{{Pid: int32(m.cfg.Pid), Image: blob}}, XsaveFeatures: m.xsave})
 	if err != nil {
 		return fmt.Errorf("round %d: target: %w", round, err)
 	}
+	m.layout = blob
 	return nil
 }
 
