@@ -95,14 +95,14 @@ func TestMigrateFault(t *testing.T) {
 			cause: `round 0: .*(reset|EOF|closed|unavailable)`},
 		{name: "round0/shadow-enomem", serveFault: "target.BeginRound@1=error:enomem",
 			cause: `round 0: target: .*cannot allocate memory`},
-		{name: "round1/kill-target", serveFault: "target.BeginRound@2=exit", serveDies: true,
+		{name: "round1/kill-target", serveFault: "target.RoundDone@2=exit", serveDies: true,
 			cause: `round 1: target: .*(reset|EOF|closed|unavailable)`},
-		{name: "round1/cut-connection", serveFault: "target.BeginRound.handled@2=cut",
+		{name: "round1/cut-connection", serveFault: "target.RoundDone.handled@2=cut",
 			cause: `round 1: target: .*(reset|EOF|closed|unavailable)`},
 		{name: "round1/ctrl-c", migrateFault: "source.RoundDone@2=hang", during: ctrlC,
 			cause: `interrupted, the process runs on here: .*context canceled`},
 		{name: "rounds/mapping-churn", fixture: "churn", want: migrated},
-		{name: "rounds/process-exits", migrateFault: "source.BeginRound.answered@2=sleep:1s", want: exited,
+		{name: "rounds/process-exits", migrateFault: "source.RoundDone.answered@1=sleep:1s", want: exited,
 			during: func(t *testing.T, r *faultRun) {
 				r.waitFault(t)
 				if err := syscall.Kill(r.pid, syscall.SIGKILL); err != nil {

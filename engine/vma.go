@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -40,6 +41,9 @@ var refusedFlags = map[string]string{
 // everything else that Dump refuses is refused here too.
 func Layout(pid int) ([]*imagepb.VMA, error) {
 	maps, err := proc.ReadSmaps(pid)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("mappings of %d: %w", pid, ErrProcessGone)
+	}
 	if err != nil {
 		return nil, err
 	}
