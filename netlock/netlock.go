@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"regexp"
+	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -285,4 +286,26 @@ func (l *Lock) Dropped() (in, out uint64, err error) {
 	}
 	out, err = count("output")
 	return in, out, err
+}
+
+// Locks returns the ids of the locks in place in netns (nil: the calling
+// thread's namespace), for an operator's cleanup after a run that could
+// not unlock, and for tests.
+func Locks(netns *os.File) ([]string, error) {
+	l := &Lock{ns: netns}
+	c, err := l.conn()
+	if err != nil {
+		return nil, fmt.Errorf("netlock: %w", err)
+	}
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return nil, fmt.Errorf("netlock: list tables: %w", err)
+	}
+	var ids []string
+	for _, t := range tables {
+		if id, ok := strings.CutPrefix(t.Name, TableName("")); ok {
+			ids = append(ids, id)
+		}
+	}
+	return ids, nil
 }

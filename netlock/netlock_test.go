@@ -248,8 +248,14 @@ func TestLockReplacesLeftover(t *testing.T) {
 	if got := countRules(t, ns, netlock.TableName(id)); got != 2 {
 		t.Fatalf("second lock with the same id: %d rules, want 2 (leftover not replaced)", got)
 	}
+	if ids, err := netlock.Locks(ns); err != nil || len(ids) != 1 || ids[0] != id {
+		t.Fatalf("Locks = %q, %v; want [%s]", ids, err, id)
+	}
 	if err := lk.Unlock(); err != nil {
 		t.Fatal(err)
+	}
+	if ids, err := netlock.Locks(ns); err != nil || len(ids) != 0 {
+		t.Fatalf("after Unlock, Locks = %q, %v", ids, err)
 	}
 	if got := countRules(t, ns, netlock.TableName(id)); got != -1 {
 		t.Fatalf("after Unlock the table still has %d rules", got)
