@@ -126,27 +126,12 @@ func (ft *fileTable) lockNet(pid int) error {
 		return nil
 	}
 	ft.lockDone = true
-	fds, err := proc.ListFDs(pid)
+	eps, err := Endpoints(pid)
 	if err != nil {
 		return err
 	}
-	var eps []netsock.Endpoint
 	established := false
-	for _, fd := range fds {
-		link, err := proc.ReadFDLink(pid, fd)
-		if err != nil || !isSocketLink(link) {
-			continue
-		}
-		sk, err := ft.socketCopy(pid, fd)
-		if err != nil {
-			return fmt.Errorf("descriptor %d of %d (%s): %w", fd, pid, link, err)
-		}
-		ep, err := netsock.Addrs(sk)
-		_ = sk.Close()
-		if err != nil {
-			continue // refused later, by name
-		}
-		eps = append(eps, ep)
+	for _, ep := range eps {
 		established = established || ep.TCPState == netsock.Established
 	}
 	if !established {
@@ -163,6 +148,35 @@ func (ft *fileTable) lockNet(pid int) error {
 	}
 	ft.lock = l
 	return nil
+}
+
+// Endpoints returns the endpoints of the IPv4 and IPv6 sockets of a
+// running process, read from copies of its descriptors without changing
+// anything; other sockets are left out (a dump refuses them by name).
+func Endpoints(pid int) ([]netsock.Endpoint, error) {
+	fds, err := proc.ListFDs(pid)
+	if err != nil {
+		return nil, err
+	}
+	var eps []netsock.Endpoint
+	for _, fd := range fds {
+		link, err := proc.ReadFDLink(pid, fd)
+		if err != nil || !isSocketLink(link) {
+			continue
+		}
+		sfd, err := sys.CopyFD(pid, fd)
+		if err != nil {
+			return nil, fmt.Errorf("descriptor %d of %d (%s): %w", fd, pid, link, err)
+		}
+		sk := os.NewFile(uintptr(sfd), link)
+		ep, err := netsock.Addrs(sk)
+		_ = sk.Close()
+		if err != nil {
+			continue
+		}
+		eps = append(eps, ep)
+	}
+	return eps, nil
 }
 
 // resumeSockets gives the dumped sockets back to the resumed process

@@ -224,5 +224,27 @@ func (f *Frozen) Kill() error {
 	})
 }
 
+// NetLocked reports whether the freeze locked the process's connections
+// (established ones were allowed and present).
+func (f *Frozen) NetLocked() bool { return f.netLock != nil }
+
+// Unlock removes the network lock after Kill. Kill keeps it so that, on
+// one host, the restore finds the connections' packets still held; after
+// a migration it is for the caller to remove once the connections'
+// address has left this host (else their peers get RST from here). It
+// does nothing without a lock, and refuses before Kill (Resume removes
+// the lock itself).
+func (f *Frozen) Unlock() error {
+	if f.netLock == nil {
+		return nil
+	}
+	if !f.done {
+		return errors.New("unlock: the process is still frozen")
+	}
+	err := f.netLock.Unlock()
+	f.netLock = nil
+	return err
+}
+
 // Close resumes the process unless Resume or Kill was called.
 func (f *Frozen) Close() error { return f.Resume() }

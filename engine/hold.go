@@ -45,3 +45,11 @@ func (f *Frozen) Hold() error {
 		return nil
 	})
 }
+
+// ResumeHeld resumes a held process for good: Resume, then SIGCONT for the
+// stop Hold queued. It is for a commit the target refused outright, when
+// the process certainly runs nowhere else.
+func (f *Frozen) ResumeHeld() error {
+	err := f.Resume()
+	return errors.Join(err, sys.Kill(f.Pid, sys.SIGCONT))
+}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/phaul/phaul/engine/image"
+	"github.com/phaul/phaul/netlock"
 	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/engine/ptrace"
 	"github.com/phaul/phaul/engine/stub"
@@ -86,10 +87,15 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	if err := r.run(ctx); err != nil {
 		r.abort()
 		r.closeSockets(true)
+		// The connections are gone: nothing left to hold for. A dump's
+		// lock on this host stays, for another try.
+		if uerr := r.unlockNet(false); uerr != nil {
+			r.log.Warn("remove the restore's network lock", "err", uerr)
+		}
 		return nil, fmt.Errorf("restore %d: %w", r.pid, err)
 	}
 	r.closeSockets(false)
-	if err := r.unlockNet(); err != nil {
+	if err := r.unlockNet(true); err != nil {
 		r.log.Warn("restored, but the network lock stays", "err", err)
 	}
 	res := &RestoreResult{Pid: r.pid, Threads: len(r.img.Threads), PagesRestored: r.pagesRestored, Duration: time.Since(start)}
@@ -126,7 +132,7 @@ type restorer struct {
 	pipeEnds      map[uint64]uint64 // pipe id -> parked descriptor of its other end
 	nextHigh      uint64            // next free descriptor above the image's
 	sockets       []*os.File        // phaul's copies of the restored sockets (restore_socket.go)
-	netLocked     bool              // a restored connection is behind the dump's network lock
+	netLock       *netlock.Lock     // held while connections are rebuilt (restore_socket.go)
 	pagesRestored uint64
 }
 

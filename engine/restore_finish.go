@@ -64,6 +64,7 @@ func (r *restorer) prepare() error {
 	}{
 		{"memory layout fields", r.setMM},
 		{"identity", r.setIdentity},
+		{"network lock", r.lockNet},
 		{"descriptors", r.setFiles},
 		{"signal handlers", r.setSigactions},
 		{"timers and limits", r.setTimers},
@@ -167,7 +168,7 @@ func (r *restorer) setFiles() error {
 	opened := map[uint32]int32{} // file id -> first descriptor restored for it
 	r.pipeEnds = map[uint64]uint64{}
 	r.nextHigh = uint64(base + 3)
-	for _, fd := range r.img.Fds {
+	for _, fd := range listenersFirst(r.img.Fds, files) {
 		f := files[fd.FileId]
 		if f == nil {
 			return fmt.Errorf("%w: descriptor %d refers to missing file %d", ErrBadImage, fd.Fd, fd.FileId)
@@ -234,6 +235,31 @@ func (r *restorer) setFiles() error {
 		}
 	}
 	return nil
+}
+
+// listenersFirst returns fds with the descriptors of TCP listeners first,
+// otherwise in order: a listener binds its port before the connections it
+// accepted take the same port (in repair mode, which forces the reuse), so
+// that its bind does not conflict with them when it lacks SO_REUSEADDR.
+// Any order of restoring is safe: a temporary descriptor is the lowest free
+// one and never one already placed.
+func listenersFirst(fds []*imagepb.FD, files map[uint32]*imagepb.File) []*imagepb.FD {
+	out := make([]*imagepb.FD, 0, len(fds))
+	isListener := func(fd *imagepb.FD) bool {
+		f := files[fd.FileId]
+		return f.GetKind() == imagepb.FileKind_FILE_INET_SOCKET && f.GetInetSocket().GetTcpState() == sys.TCP_LISTEN
+	}
+	for _, fd := range fds {
+		if isListener(fd) {
+			out = append(out, fd)
+		}
+	}
+	for _, fd := range fds {
+		if !isListener(fd) {
+			out = append(out, fd)
+		}
+	}
+	return out
 }
 
 // openFile opens f in the process and positions it; it returns the new

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 
 	"github.com/phaul/phaul/netlock"
 	"github.com/phaul/phaul/netsock"
@@ -39,9 +40,6 @@ func (r *restorer) openInetSocket(f *imagepb.File) (uint64, error) {
 		return 0, err
 	}
 	r.sockets = append(r.sockets, sk)
-	if st.Repair != nil {
-		r.netLocked = true
-	}
 	ourFD, err := fileFD(sk)
 	if err != nil {
 		return 0, err
@@ -91,20 +89,71 @@ func (r *restorer) closeSockets(failed bool) {
 	r.sockets = nil
 }
 
-// unlockNet removes the network lock a dump with established connections
-// left in the process's network namespace (dumpLockID), once the process
-// runs with its connections restored.
-func (r *restorer) unlockNet() error {
-	if !r.netLocked {
-		return nil
+// restoreLockID names the network lock a restore takes in the new
+// process's network namespace while it rebuilds established connections:
+// from before the first socket exists until the process runs (Restore,
+// Shadow.Resume). Until then a peer's packets are dropped there, never
+// answered with RST, and a restored connection sends nothing.
+func restoreLockID(pid int) string { return "restore-" + strconv.Itoa(pid) }
+
+// ImageEndpoints returns the endpoints of the IPv4 and IPv6 sockets of a
+// file table, and whether one of them is an established connection.
+func ImageEndpoints(files *imagepb.FileTable) (eps []netsock.Endpoint, established bool, err error) {
+	for _, f := range files.GetFiles() {
+		if f.GetKind() != imagepb.FileKind_FILE_INET_SOCKET {
+			continue
+		}
+		st, err := netsock.FromProto(f.GetInetSocket())
+		if err != nil {
+			return nil, false, fmt.Errorf("%w: file %d: %w", ErrBadImage, f.GetId(), err)
+		}
+		eps = append(eps, st.Endpoint())
+		established = established || st.Repair != nil
+	}
+	return eps, established, nil
+}
+
+// lockNet takes the restore's network lock when the image holds
+// established connections (with every socket's port or connection in it).
+func (r *restorer) lockNet() error {
+	eps, established, err := ImageEndpoints(r.files)
+	if err != nil || !established {
+		return err
 	}
 	ns, err := os.Open(fmt.Sprintf("/proc/%d/ns/net", r.pid))
 	if err != nil {
 		return fmt.Errorf("network namespace of %d: %w", r.pid, err)
 	}
 	defer ns.Close()
-	if err := netlock.Unlock(ns, dumpLockID(r.pid)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove the network lock of the dump: %w", err)
+	l, err := netlock.New(ns, restoreLockID(r.pid), netsock.LockSet(eps))
+	if err != nil {
+		return fmt.Errorf("lock the connections of %d: %w", r.pid, err)
 	}
+	r.netLock = l
 	return nil
+}
+
+// unlockNet removes the restore's network lock, and with dumpLock also
+// the lock a dump of the same process left in this network namespace
+// (dumpLockID: a dump and restore on one host).
+func (r *restorer) unlockNet(dumpLock bool) error {
+	if r.netLock == nil {
+		return nil
+	}
+	var errs []error
+	if err := r.netLock.Unlock(); err != nil {
+		errs = append(errs, err)
+	}
+	r.netLock = nil
+	if dumpLock {
+		ns, err := os.Open(fmt.Sprintf("/proc/%d/ns/net", r.pid))
+		if err != nil {
+			return errors.Join(append(errs, fmt.Errorf("network namespace of %d: %w", r.pid, err))...)
+		}
+		defer ns.Close()
+		if err := netlock.Unlock(ns, dumpLockID(r.pid)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove the network lock of the dump: %w", err))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -249,11 +249,40 @@ func (s *Shadow) Resume() error {
 	s.done = true
 	s.r.tr.Close()
 	s.r.closeSockets(false) // the process has its own descriptors
+	// It runs: its connections may talk. A lock left in place would cut
+	// them off, but the process is committed and must not be undone.
+	if err := s.r.unlockNet(false); err != nil {
+		s.r.log.Error("the process runs, but its connections stay locked", "err", err)
+	}
 	return nil
 }
 
-// Discard kills the shadow and releases what it holds. It is safe to call
-// more than once and after Finish (then it does nothing).
+// NetLocked reports whether the shadow holds a network lock: it restored
+// established connections, and the lock stays until Resume, or Unlock
+// after a Discard.
+func (s *Shadow) NetLocked() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.r.netLock != nil
+}
+
+// Unlock removes the network lock of a discarded shadow. Discard keeps it,
+// so that the peers of the connections it had restored get no RST while
+// the caller moves their address back (a rollback action script); Unlock
+// is for after that. It does nothing when there is no lock, and refuses
+// while the shadow may still resume.
+func (s *Shadow) Unlock() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.done {
+		return errors.New("unlock: the shadow is not discarded")
+	}
+	return s.r.unlockNet(false)
+}
+
+// Discard kills the shadow and releases what it holds but its network
+// lock (see Unlock). It is safe to call more than once and after Finish
+// (then it does nothing).
 func (s *Shadow) Discard() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
