@@ -160,7 +160,7 @@ func TestMigrateAcrossHosts(t *testing.T) {
 		}
 		sum += v
 	}
-	if len(res.Phases) != 5 || sum > res.DowntimeMS || sum < res.DowntimeMS/2 {
+	if len(res.Phases) != 6 || sum > res.DowntimeMS || sum < res.DowntimeMS/2 {
 		t.Errorf("downtime phases %v add up to %.1f ms of the %.1f ms downtime", res.Phases, sum, res.DowntimeMS)
 	}
 	t.Logf("downtime %.1f ms %v, total %.0f ms, %d rounds, %d bytes on the wire", res.DowntimeMS, res.Phases, res.TotalMS, res.Rounds, res.BytesSent)

@@ -7,12 +7,19 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
+	"strings"
 	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"google.golang.org/protobuf/proto"
 
 	"github.com/phaul/phaul/engine"
+	"github.com/phaul/phaul/internal/actionscript"
 	"github.com/phaul/phaul/internal/hostinfo"
+	"github.com/phaul/phaul/netsock"
 	"github.com/phaul/phaul/pagestream"
 	"github.com/phaul/phaul/predump"
 	"github.com/phaul/phaul/protocol"
@@ -37,6 +44,12 @@ type Config struct {
 	// Bandwidth limits the page stream, in bytes per second (0: none).
 	Bandwidth float64
 	ShellJob  bool
+	// TCPEstablished lets established TCP connections move (CRIU's
+	// --tcp-established); without it a process that has some is refused
+	// before anything is copied.
+	TCPEstablished bool
+	// Scripts are the operator's action scripts (nil: none).
+	Scripts *actionscript.Runner
 	// Progress, when set, receives each round's figures as it ends.
 	Progress func(RoundReport)
 	Logger   *slog.Logger
@@ -90,12 +103,40 @@ type Phases struct {
 	// CommitMS is the commit round trip: the process runs there when it
 	// ends.
 	CommitMS float64 `json:"commit_ms"`
+	// ScriptsMS is the time the source's action scripts took inside the
+	// window (network-lock, post-dump), counted apart from the steps
+	// around them.
+	ScriptsMS float64 `json:"scripts_ms"`
 }
 
 // ErrCommitUnknown reports that the commit request got no answer: the
 // target may or may not run the process. The original is left stopped,
 // never resumed and never killed, for the operator to decide.
 var ErrCommitUnknown = errors.New("commit outcome unknown")
+
+// ErrCommitRefused reports that the target refused the commit outright
+// (it discarded what it built): the original runs on here.
+var ErrCommitRefused = errors.New("the target refused the commit")
+
+// refuseEstablished refuses a process with established TCP connections,
+// naming them: they move only with --tcp-established.
+func refuseEstablished(pid int) error {
+	eps, err := engine.Endpoints(pid)
+	if err != nil {
+		return fmt.Errorf("list the sockets: %w", err)
+	}
+	var names []string
+	for _, ep := range eps {
+		if ep.TCPState == netsock.Established {
+			names = append(names, fmt.Sprintf("%v %v-%v", ep.Proto, ep.Local, ep.Peer))
+		}
+	}
+	if len(names) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: %d established connection(s): %s; migrate them with --tcp-established",
+		netsock.ErrEstablishedNotAllowed, len(names), strings.Join(names, ", "))
+}
 
 // Run migrates a running process to the target. On any failure before the
 // commit the target discards what it built and the process runs on here as
@@ -117,6 +158,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	if _, err := os.Stat(fmt.Sprintf("/proc/%d", cfg.Pid)); err != nil {
 		return nil, fmt.Errorf("migrate %d: %w", cfg.Pid, engine.ErrNoProcess)
+	}
+	if !cfg.TCPEstablished {
+		if err := refuseEstablished(cfg.Pid); err != nil {
+			return nil, fmt.Errorf("migrate %d: %w", cfg.Pid, err)
+		}
 	}
 	sess, err := transport.Dial(ctx, transport.ClientConfig{Address: cfg.Target,
 		Config: transport.Config{TLS: cfg.TLS, Insecure: cfg.Insecure, Logger: log}})
@@ -149,7 +195,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	m := &migration{cfg: cfg, log: log, id: started.GetMigrationId(), control: control, xsave: host.GetXsaveFeatures()}
 	res, err := m.run(ctx, migrationpb.NewPagesClient(cc), hello.GetCodec())
 	if err != nil {
-		if !errors.Is(err, ErrCommitUnknown) {
+		if !errors.Is(err, ErrCommitUnknown) && !errors.Is(err, ErrCommitRefused) {
 			m.abort(err.Error())
 		}
 		return nil, fmt.Errorf("migrate %d: %w", cfg.Pid, err)
@@ -288,7 +334,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	var finalStats pagestream.Stats
 	var lastStart, lastEnd time.Time
 	fz, err := engine.Freeze(ctx, engine.FreezeOptions{Pid: cfg.Pid, ShellJob: cfg.ShellJob, TrackerDir: dir, Logger: m.log,
-		KeepTracking: true,
+		KeepTracking: true, TCPEstablished: cfg.TCPEstablished,
 		LastRound: func(ctx context.Context, t tracker.Tracker, vmas []*imagepb.VMA) error {
 			if t == nil {
 				return errors.New("tracking state lost before the final round")
@@ -320,14 +366,38 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		return nil, err
 	}
 	frozenAt := fz.At
+	eps, _, err := engine.ImageEndpoints(fz.State.Files)
+	if err != nil {
+		_ = fz.Resume()
+		return nil, err
+	}
+	scripts := cfg.Scripts.With(append(actionscript.SocketEnv(eps), "PHAUL_SIDE=source",
+		"PHAUL_PID="+strconv.Itoa(cfg.Pid), "PHAUL_MIGRATION_ID="+m.id, "PHAUL_TARGET="+cfg.Target)...)
 	done := false
 	defer func() {
 		if !done {
+			// The scripts first: a service address moved away comes back
+			// while the connections are still held.
+			bg, cancel := context.WithTimeout(context.Background(), actionscript.DefaultTimeout)
+			defer cancel()
+			if err := scripts.Run(bg, actionscript.Rollback); err != nil {
+				m.log.Error("rollback", "err", err)
+			}
 			if err := fz.Resume(); err != nil {
 				m.log.Error("resume the original", "err", err)
 			}
 		}
 	}()
+	var scriptTime time.Duration
+	runScript := func(a actionscript.Action) error {
+		t0 := time.Now()
+		err := scripts.Run(ctx, a)
+		scriptTime += time.Since(t0)
+		return err
+	}
+	if err := runScript(actionscript.NetworkLock); err != nil {
+		return nil, err
+	}
 	res.PerRound = append(res.PerRound, RoundReport{Round: round, Pages: finalStats.PagesData, PagesZero: finalStats.PagesZero,
 		Bytes: finalStats.WireBytes, DirtyRate: final.DirtyRate, Decision: "final", Final: true})
 	if cfg.Progress != nil {
@@ -335,7 +405,8 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	}
 	collected := time.Now()
 	res.Phases.FinalRoundMS = ms(lastEnd.Sub(lastStart))
-	res.Phases.CollectMS = ms(collected.Sub(lastEnd))
+	res.Phases.CollectMS = ms(collected.Sub(lastEnd) - scriptTime)
+	lockScript := scriptTime
 	st, err := finalState(fz)
 	if err != nil {
 		return nil, err
@@ -343,8 +414,12 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	if _, err := m.control.Freeze(ctx, &migrationpb.FreezeRequest{MigrationId: m.id, State: st}); err != nil {
 		return nil, fmt.Errorf("final state: target: %w", err)
 	}
+	if err := runScript(actionscript.PostDump); err != nil {
+		return nil, err
+	}
 	sent := time.Now()
-	res.Phases.StateMS = ms(sent.Sub(collected))
+	res.Phases.StateMS = ms(sent.Sub(collected) - (scriptTime - lockScript))
+	res.Phases.ScriptsMS = ms(scriptTime)
 	rr, err := m.control.Restore(ctx, &migrationpb.RestoreRequest{MigrationId: m.id})
 	if err != nil {
 		return nil, fmt.Errorf("restore on the target: %w", err)
@@ -360,6 +435,17 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cr, err := m.control.Commit(cctx, &migrationpb.CommitRequest{MigrationId: m.id})
+	if status.Code(err) == codes.Aborted {
+		// Refused outright: nothing runs there. Roll back here.
+		done = true
+		if err := scripts.Run(context.Background(), actionscript.Rollback); err != nil {
+			m.log.Error("rollback", "err", err)
+		}
+		if rerr := fz.ResumeHeld(); rerr != nil {
+			m.log.Error("resume the original", "err", rerr)
+		}
+		return nil, fmt.Errorf("%w: %v", ErrCommitRefused, status.Convert(err).Message())
+	}
 	if err != nil || !cr.GetResumed() {
 		done = true
 		// Held: let go, it takes the SIGSTOP queued by Hold.
@@ -375,6 +461,19 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	done = true
 	if err := fz.Kill(); err != nil {
 		m.log.Error("kill the original after commit", "err", err)
+	}
+	// The process runs there: what fails from here is reported, not
+	// undone.
+	if err := scripts.Run(cctx, actionscript.PostResume); err != nil {
+		m.log.Error("after the commit", "err", err)
+	}
+	if fz.NetLocked() {
+		if err := fz.Unlock(); err != nil {
+			m.log.Error("remove the network lock of the original", "err", err)
+		}
+	}
+	if err := scripts.Run(cctx, actionscript.NetworkUnlock); err != nil {
+		m.log.Error("after the commit", "err", err)
 	}
 	if _, err := m.control.Confirm(cctx, &migrationpb.ConfirmRequest{MigrationId: m.id}); err != nil {
 		m.log.Warn("confirm", "err", err)

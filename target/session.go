@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -15,6 +17,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/phaul/phaul/engine"
+	"github.com/phaul/phaul/internal/actionscript"
 	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/pageserver"
 	"github.com/phaul/phaul/pagestream"
@@ -29,6 +32,8 @@ type Config struct {
 	Budget   *pageserver.Budget
 	SpillDir string
 	Logger   *slog.Logger
+	// Scripts are the operator's action scripts (nil: none).
+	Scripts *actionscript.Runner
 }
 
 // Session is the Control service of one connection.
@@ -72,6 +77,11 @@ type migration struct {
 	shadows map[int32]*engine.Shadow
 	final   map[int32]engine.State
 	frozeAt time.Time
+	// scripts run with the migration's details once the final state is
+	// known; locked is set once the network-lock point was reached, from
+	// when a rollback runs the rollback scripts.
+	scripts *actionscript.Runner
+	locked  bool
 }
 
 // Hello implements migrationpb.ControlServer.
@@ -115,7 +125,7 @@ func (s *Session) StartMigration(_ context.Context, req *migrationpb.StartMigrat
 	_, _ = rand.Read(b[:])
 	id := fmt.Sprintf("%d-%s", req.GetPid(), hex.EncodeToString(b[:]))
 	m := &migration{id: id, store: store, log: s.log.With("migration", id),
-		shadows: map[int32]*engine.Shadow{}, final: map[int32]engine.State{}}
+		shadows: map[int32]*engine.Shadow{}, final: map[int32]engine.State{}, scripts: s.cfg.Scripts}
 	store.SetBatchHook(m.apply)
 	s.migrations[id] = m
 	m.log.Info("migration started", "pid", req.GetPid(), "codec", pagestream.CodecName(req.GetOptions().GetCodec()))
@@ -252,6 +262,16 @@ func (s *Session) Freeze(_ context.Context, req *migrationpb.FreezeRequest) (*mi
 	if m.phase != started {
 		return nil, status.Error(codes.FailedPrecondition, "freeze: already frozen")
 	}
+	eps, _, err := engine.ImageEndpoints(files)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "freeze: file table: %v", err)
+	}
+	pids := make([]string, 0, len(st.GetProcesses()))
+	for _, blob := range st.GetProcesses() {
+		pids = append(pids, strconv.Itoa(int(blob.GetPid())))
+	}
+	m.scripts = m.scripts.With(append(actionscript.SocketEnv(eps), "PHAUL_SIDE=target",
+		"PHAUL_PID="+strings.Join(pids, " "), "PHAUL_MIGRATION_ID="+m.id)...)
 	for _, blob := range st.GetProcesses() {
 		p, err := decodeProcess(blob.GetImage())
 		if err != nil {
@@ -280,12 +300,16 @@ func (s *Session) Restore(ctx context.Context, req *migrationpb.RestoreRequest) 
 		return nil, status.Error(codes.FailedPrecondition, "restore: no final state")
 	}
 	resp := &migrationpb.RestoreResponse{}
+	m.locked = true // from here a shadow may hold a lock, and the scripts may have acted
 	for pid, st := range m.final {
 		if _, err := m.shadows[pid].Ready(ctx, st); err != nil {
-			delete(m.shadows, pid) // Ready discarded it
+			// Ready discarded it; forget removes its lock.
 			return nil, status.Errorf(codes.Internal, "restore %d: %v", pid, err)
 		}
 		resp.Pids = append(resp.Pids, pid)
+	}
+	if err := m.scripts.Run(ctx, actionscript.NetworkLock); err != nil {
+		return nil, status.Errorf(codes.Internal, "restore: %v", err)
 	}
 	m.phase = ready
 	resp.RestoreNs = uint64(time.Since(m.frozeAt))
@@ -309,14 +333,35 @@ func (s *Session) Commit(_ context.Context, req *migrationpb.CommitRequest) (*mi
 	default:
 		return nil, status.Error(codes.FailedPrecondition, "commit: not ready")
 	}
+	// A refusal before anything runs is definite (Aborted): the source
+	// may resume its original at once.
+	refuse := func(why error) error {
+		m.rollbackLocked("commit refused: " + why.Error())
+		go s.forget(m, "commit refused")
+		return status.Errorf(codes.Aborted, "commit: %v; the target discarded the migration", why)
+	}
+	if err := m.scripts.Run(context.Background(), actionscript.PreResume); err != nil {
+		return nil, refuse(err)
+	}
+	resumed := 0
 	for pid, sh := range m.shadows {
 		if err := sh.Resume(); err != nil {
+			if resumed == 0 {
+				return nil, refuse(fmt.Errorf("resume %d: %w", pid, err))
+			}
 			return nil, status.Errorf(codes.Internal, "commit: resume %d: %v", pid, err)
 		}
+		resumed++
 		go reap(m.log, int(pid))
 	}
 	m.phase = committed
 	m.log.Info("committed: the processes run here", "since_freeze", time.Since(m.frozeAt))
+	// The processes run: a failing script is reported, not undone.
+	for _, a := range []actionscript.Action{actionscript.NetworkUnlock, actionscript.PostResume} {
+		if err := m.scripts.Run(context.Background(), a); err != nil {
+			m.log.Error("after the commit", "err", err)
+		}
+	}
 	return &migrationpb.CommitResponse{Resumed: true}, nil
 }
 
@@ -376,9 +421,7 @@ func (s *Session) forget(m *migration, why string) {
 	s.mu.Unlock()
 	m.mu.Lock()
 	if m.phase != committed {
-		for _, sh := range m.shadows {
-			sh.Discard()
-		}
+		m.rollbackLocked(why)
 	}
 	m.shadows = nil
 	m.mu.Unlock()
@@ -387,6 +430,30 @@ func (s *Session) forget(m *migration, why string) {
 		m.log.Warn("close page store", "err", err)
 	}
 	m.log.Info("migration closed", "why", why, "pages", st.PagesData)
+}
+
+// rollbackLocked discards the shadows, runs the rollback scripts if the
+// network-lock point was reached, and only then removes the shadows'
+// network locks, so that the connections' address has left this host
+// before their packets meet no socket here. Idempotent.
+//
+// Precondition: m.mu held.
+func (m *migration) rollbackLocked(why string) {
+	for _, sh := range m.shadows {
+		sh.Discard()
+	}
+	if !m.locked {
+		return
+	}
+	m.locked = false
+	if err := m.scripts.Run(context.Background(), actionscript.Rollback, "PHAUL_REASON="+why); err != nil {
+		m.log.Error("rollback", "err", err)
+	}
+	for pid, sh := range m.shadows {
+		if err := sh.Unlock(); err != nil {
+			m.log.Error("remove the network lock", "pid", pid, "err", err)
+		}
+	}
 }
 
 // Close discards the migrations of the connection; called when it ends.

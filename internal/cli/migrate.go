@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/phaul/phaul/internal/actionscript"
 	"github.com/phaul/phaul/source"
 	"github.com/phaul/phaul/transport"
 )
@@ -19,7 +20,7 @@ func init() {
 	register(&command{
 		name:    "migrate",
 		summary: "move a running process to another host (phaul serve there), with a pause of milliseconds",
-		usage:   "--to HOST:PORT PID [--downtime 25ms] [--max-rounds N] [--bandwidth LIMIT] [--compress s2|zstd|none] [--track ...] [--tls-* F | --insecure] [--json]",
+		usage:   "--to HOST:PORT PID [--downtime 25ms] [--max-rounds N] [--bandwidth LIMIT] [--compress s2|zstd|none] [--track ...] [--tcp-established] [--action-script F]... [--tls-* F | --insecure] [--json]",
 		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
 			to := fs.String("to", "", "address of the target's phaul serve, host:port (required)")
 			pol := source.DefaultPolicy()
@@ -30,6 +31,8 @@ func init() {
 			compress := fs.String("compress", "s2", "page compression: s2, zstd or none")
 			track := fs.String("track", "auto", "dirty-page tracking: auto, uffdwp, softdirty or hash")
 			shell := fs.Bool("shell-job", false, "the process's terminal descriptors are re-bound on the target")
+			tcpEst := fs.Bool("tcp-established", false, "move established TCP connections too (held by a network lock while frozen; their address must follow the process, e.g. by an action script); without it such a process is refused")
+			scriptPaths := fs.StringArray("action-script", nil, actionScriptHelp("source", "network-lock, post-dump, post-resume, network-unlock, rollback"))
 			cert := fs.String("tls-cert", "", "client certificate (mutual TLS)")
 			key := fs.String("tls-key", "", "client key")
 			ca := fs.String("tls-ca", "", "CA that signed the target's certificate")
@@ -62,13 +65,19 @@ func init() {
 						return usageError("--bandwidth: %v", err)
 					}
 				}
+				scripts, err := actionscript.New(*scriptPaths)
+				if err != nil {
+					return usageError("%v", err)
+				}
 				trackName := *track
 				if trackName == "auto" {
 					trackName = ""
 				}
+				log := newLogger(env, *verbose)
+				scripts.Logger = log
 				res, err := source.Run(ctx, source.Config{
 					Pid: pid, Target: *to, Insecure: *insecure, Policy: pol, Codec: *compress, Track: trackName, Bandwidth: bw,
-					ShellJob: *shell, Logger: newLogger(env, *verbose), PhaulVersion: Version,
+					ShellJob: *shell, TCPEstablished: *tcpEst, Scripts: scripts, Logger: log, PhaulVersion: Version,
 					TLS: transport.TLSFiles{CertFile: *cert, KeyFile: *key, CAFile: *ca},
 					Progress: func(r source.RoundReport) {
 						if r.Final {
@@ -124,4 +133,11 @@ func parseRate(s string) (float64, error) {
 		return 0, fmt.Errorf("bad rate %q (use e.g. 50M for 50 MB/s, or 800Mbit)", s)
 	}
 	return v * unit, nil
+}
+
+// actionScriptHelp is the help of --action-script for one side.
+func actionScriptHelp(side, points string) string {
+	return "run this executable at each point of a migration on the " + side + " (" + points +
+		"), with PHAUL_ACTION naming the point and PHAUL_PID, PHAUL_MIGRATION_ID, PHAUL_ADDRESSES (the process's bound addresses), " +
+		"PHAUL_CONNECTIONS and PHAUL_LISTENERS in the environment; it must exit 0 (before the commit a failure rolls back). Repeatable"
 }

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/phaul/phaul/bench/workload"
+	"github.com/phaul/phaul/internal/actionscript"
 	"github.com/phaul/phaul/internal/feature"
 	"github.com/phaul/phaul/internal/hostinfo"
 	"github.com/phaul/phaul/pageserver"
@@ -25,7 +26,7 @@ func init() {
 	register(&command{
 		name:    "serve",
 		summary: "run the migration target: accept migrations from `phaul migrate` on other hosts",
-		usage:   "[--listen ADDR] [--tls-cert F --tls-key F --tls-ca F] [--insecure] [--json-log] [-v]",
+		usage:   "[--listen ADDR] [--tls-cert F --tls-key F --tls-ca F] [--insecure] [--action-script F]... [--json-log] [-v]",
 		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
 			var o serveOptions
 			fs.StringVar(&o.listen, "listen", transport.DefaultListen,
@@ -39,6 +40,7 @@ func init() {
 			fs.StringVar(&o.pageMemory, "page-memory", "0", "memory for received pages, all migrations together (e.g. 8G; 0: no limit)")
 			fs.StringVar(&o.spillDir, "spill-dir", "", "keep pages in an unlinked file in this directory when --page-memory is exhausted")
 			fs.CountVarP(&o.verbose, "verbose", "v", "log more (-v: debug)")
+			fs.StringArrayVar(&o.scripts, "action-script", nil, actionScriptHelp("target", "network-lock, pre-resume, network-unlock, post-resume, rollback"))
 			return func(ctx context.Context, env *Env, args []string) error {
 				if len(args) > 0 {
 					return usageError("unexpected argument %q", args[0])
@@ -68,6 +70,7 @@ type serveOptions struct {
 	pageMemoryBytes int64
 	spillDir        string
 	verbose         int
+	scripts         []string
 
 	// host returns this host's facts for Hello (tests replace it).
 	host func() *migrationpb.HostInfo
@@ -97,6 +100,11 @@ func runServe(ctx context.Context, env *Env, o serveOptions, ready func(net.Addr
 		MaxSessions: o.maxSessions,
 		Config:      transport.Config{TLS: o.tls, Insecure: o.insecure, Logger: log},
 	}
+	scripts, err := actionscript.New(o.scripts)
+	if err != nil {
+		return usageError("%v", err)
+	}
+	scripts.Logger = log
 	l, err := transport.Listen(cfg)
 	if err != nil {
 		return err
@@ -119,6 +127,7 @@ func runServe(ctx context.Context, env *Env, o serveOptions, ready func(net.Addr
 		log:      log,
 		budget:   pageserver.NewBudget(o.pageMemoryBytes),
 		spillDir: o.spillDir,
+		scripts:  scripts,
 	}
 	if ready != nil {
 		ready(l.Addr())
@@ -145,6 +154,7 @@ type server struct {
 	log      *slog.Logger
 	budget   *pageserver.Budget
 	spillDir string
+	scripts  *actionscript.Runner
 }
 
 // session serves one connection: the Control and Pages services on gRPC
@@ -152,7 +162,8 @@ type server struct {
 // committed end with it.
 func (s *server) session(ctx context.Context, sess *transport.Session) {
 	log := s.log.With("peer", sess.Peer().String())
-	ctl := target.NewSession(target.Config{Local: s.local, Budget: s.budget, SpillDir: s.spillDir}, log)
+	ctl := target.NewSession(target.Config{Local: s.local, Budget: s.budget, SpillDir: s.spillDir,
+		Scripts: s.scripts.With("PHAUL_SOURCE=" + sess.Peer().String())}, log)
 	defer ctl.Close()
 	pages, err := pageserver.NewService(pageserver.ServiceConfig{
 		Lookup: ctl.Store,
