@@ -1,11 +1,12 @@
 package workload
 
 import (
-	"bufio"
+	"context"
 	"encoding/binary"
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"os"
 	"os/signal"
 	"strconv"
@@ -36,6 +37,34 @@ type Config struct {
 	Pause time.Duration
 	// PauseAfter schedules one self-pause this long after READY.
 	PauseAfter time.Duration
+	// Listen, when set, is the address (host:port) the workload serves
+	// its TCP protocol on (see Server.ServeTCP).
+	Listen string
+	// UDP, when set, is the address the workload answers UDP datagrams
+	// on (see Server.ServeUDP).
+	UDP string
+}
+
+// LineWriter writes whole lines to an io.Writer, one Write call per line,
+// from any number of goroutines. Write errors are ignored: the workload
+// goes on if nobody reads its output.
+type LineWriter struct {
+	mu  sync.Mutex
+	w   io.Writer
+	buf []byte
+}
+
+// NewLineWriter returns a LineWriter writing to w.
+func NewLineWriter(w io.Writer) *LineWriter {
+	return &LineWriter{w: w}
+}
+
+// Printf writes one line, formatted as by fmt.Printf, adding the newline.
+func (l *LineWriter) Printf(format string, args ...any) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.buf = append(fmt.Appendf(l.buf[:0], format, args...), '\n')
+	l.w.Write(l.buf)
 }
 
 const pageSize = 4096
@@ -118,17 +147,30 @@ func (s *state) check(page int) error {
 //
 // Lines:
 //
-//	READY pid=P pages=N
-//	BEAT seq=S writes=W maxgap_ms=G gap_ms=g t_ms=T
+//	READY pid=P pages=N [tcp=ADDR] [udp=ADDR]
+//	BEAT seq=S writes=W maxgap_ms=G gap_ms=g t_ms=T [tcp_conns=C tcp_errors=E udp=U udp_errors=F]
 //	PAUSE ms=D
 //	CHECK seq=S OK pages=N | CHECK seq=S FAIL reason
+//	SETUP FAIL reason
 //
 // In a BEAT line, gap_ms is the time since the previous heartbeat, maxgap_ms
 // the largest such gap so far, and t_ms the wall-clock time of the beat in
 // milliseconds since the Unix epoch (so that a gap can be placed in time by
 // another process). Gaps are measured on the monotonic clock.
+//
+// With Listen or UDP set, READY gives the addresses the workload serves
+// on (once it does), BEAT lines end with the server's counters
+// (ServerStats), and the server adds its own lines (see the package
+// comment). A pause holds back what the server sends too. SETUP FAIL
+// (exit status 1) means an address could not be used.
 func Run(cfg Config, out io.Writer) int {
-	w := bufio.NewWriter(out)
+	return RunContext(context.Background(), cfg, out)
+}
+
+// RunContext is Run, also ending (exit status 0, as on SIGTERM) when ctx
+// is done. It stops every goroutine it started before it returns.
+func RunContext(ctx context.Context, cfg Config, out io.Writer) int {
+	w := NewLineWriter(out)
 	pages := int(cfg.MemBytes / pageSize)
 	if pages < 1 {
 		pages = 1
@@ -137,18 +179,38 @@ func Run(cfg Config, out io.Writer) int {
 	for i := 0; i < pages; i++ {
 		s.fill(i, 1)
 	}
+	srv, addrs, stopNet, err := startNet(cfg, w)
+	if err != nil {
+		w.Printf("SETUP FAIL %v", err)
+		return 1
+	}
+	defer stopNet()
 	var mu sync.Mutex // serialises writers against checks
 	var writes atomic.Int64
 	if cfg.Writers < 1 {
 		cfg.Writers = 1
 	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	defer func() {
+		close(done)
+		wg.Wait()
+	}()
 	if cfg.DirtyPagesPerSec > 0 {
 		per := max(cfg.DirtyPagesPerSec/cfg.Writers, 1)
 		for k := 0; k < cfg.Writers; k++ {
+			wg.Add(1)
 			go func(k int) {
+				defer wg.Done()
 				tick := time.NewTicker(10 * time.Millisecond)
+				defer tick.Stop()
 				page := k * 7919 % pages
-				for range tick.C {
+				for {
+					select {
+					case <-done:
+						return
+					case <-tick.C:
+					}
 					mu.Lock()
 					for i := 0; i < max(per/100, 1); i++ {
 						page = (page + 104729) % pages
@@ -162,10 +224,12 @@ func Run(cfg Config, out io.Writer) int {
 	}
 	checkReq := make(chan os.Signal, 1)
 	signal.Notify(checkReq, syscall.SIGUSR1)
-	term := make(chan os.Signal, 1)
-	signal.Notify(term, syscall.SIGTERM)
+	defer signal.Stop(checkReq)
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM)
+	defer stop()
 	pauseReq := make(chan os.Signal, 1)
 	signal.Notify(pauseReq, syscall.SIGUSR2)
+	defer signal.Stop(pauseReq)
 	var pauseAt <-chan time.Time
 	if cfg.PauseAfter > 0 && cfg.Pause > 0 {
 		pauseAt = time.After(cfg.PauseAfter)
@@ -175,27 +239,28 @@ func Run(cfg Config, out io.Writer) int {
 			return
 		}
 		mu.Lock() // writers stop too
+		if srv != nil {
+			srv.Pause(cfg.Pause)
+		}
 		time.Sleep(cfg.Pause)
 		mu.Unlock()
-		fmt.Fprintf(w, "PAUSE ms=%.1f\n", float64(cfg.Pause.Microseconds())/1000)
-		w.Flush()
+		w.Printf("PAUSE ms=%.1f", float64(cfg.Pause.Microseconds())/1000)
 	}
 
-	fmt.Fprintf(w, "READY pid=%d pages=%d\n", os.Getpid(), pages)
-	w.Flush()
+	w.Printf("READY pid=%d pages=%d%s", os.Getpid(), pages, addrs)
 	hb := cfg.Heartbeat
 	if hb <= 0 {
 		hb = 10 * time.Millisecond
 	}
 	tick := time.NewTicker(hb)
+	defer tick.Stop()
 	last := time.Now()
 	var maxGap time.Duration
 	seq, checks := 0, 0
 	for {
 		select {
-		case <-term:
-			fmt.Fprintf(w, "EXIT maxgap_ms=%.1f\n", float64(maxGap.Microseconds())/1000)
-			w.Flush()
+		case <-ctx.Done():
+			w.Printf("EXIT maxgap_ms=%.1f", float64(maxGap.Microseconds())/1000)
 			return 0
 		case <-checkReq:
 			checks++
@@ -206,12 +271,10 @@ func Run(cfg Config, out io.Writer) int {
 			}
 			mu.Unlock()
 			if err != nil {
-				fmt.Fprintf(w, "CHECK seq=%d FAIL %v\n", checks, err)
-				w.Flush()
+				w.Printf("CHECK seq=%d FAIL %v", checks, err)
 				return 1
 			}
-			fmt.Fprintf(w, "CHECK seq=%d OK pages=%d writes=%d pid=%d\n", checks, pages, writes.Load(), os.Getpid())
-			w.Flush()
+			w.Printf("CHECK seq=%d OK pages=%d writes=%d pid=%d", checks, pages, writes.Load(), os.Getpid())
 		case <-pauseAt:
 			pause()
 		case <-pauseReq:
@@ -225,11 +288,70 @@ func Run(cfg Config, out io.Writer) int {
 			gap := now.Sub(last)
 			maxGap = max(maxGap, gap)
 			last = now
-			fmt.Fprintf(w, "BEAT seq=%d writes=%d maxgap_ms=%.1f gap_ms=%.3f t_ms=%.3f\n", seq, writes.Load(),
-				float64(maxGap.Microseconds())/1000, float64(gap.Microseconds())/1000, float64(now.UnixMicro())/1000)
-			w.Flush()
+			var netStats string
+			if srv != nil {
+				st := srv.Stats()
+				netStats = fmt.Sprintf(" tcp_conns=%d tcp_errors=%d udp=%d udp_errors=%d", st.TCPConns, st.TCPErrors, st.UDP, st.UDPErrors)
+			}
+			w.Printf("BEAT seq=%d writes=%d maxgap_ms=%.1f gap_ms=%.3f t_ms=%.3f%s", seq, writes.Load(),
+				float64(maxGap.Microseconds())/1000, float64(gap.Microseconds())/1000, float64(now.UnixMicro())/1000, netStats)
 		}
 	}
+}
+
+// startNet starts the servers cfg asks for. It returns the server (nil if
+// none), the addresses for the READY line, and a function that stops the
+// servers and waits for them.
+func startNet(cfg Config, w *LineWriter) (srv *Server, addrs string, stop func(), err error) {
+	stop = func() {}
+	if cfg.Listen == "" && cfg.UDP == "" {
+		return nil, "", stop, nil
+	}
+	srv = NewServer(w)
+	var (
+		closers []io.Closer
+		wg      sync.WaitGroup
+	)
+	stop = func() {
+		for _, c := range closers {
+			c.Close()
+		}
+		wg.Wait()
+	}
+	if cfg.Listen != "" {
+		ln, err := net.Listen("tcp", cfg.Listen)
+		if err != nil {
+			return nil, "", stop, fmt.Errorf("tcp: %w", err)
+		}
+		closers = append(closers, ln)
+		addrs += " tcp=" + ln.Addr().String()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.ServeTCP(ln); err != nil {
+				srv.tcpErrors.Add(1)
+				w.Printf("TCPERR conn=- %v", err)
+			}
+		}()
+	}
+	if cfg.UDP != "" {
+		pc, err := net.ListenPacket("udp", cfg.UDP)
+		if err != nil {
+			stop()
+			return nil, "", func() {}, fmt.Errorf("udp: %w", err)
+		}
+		closers = append(closers, pc)
+		addrs += " udp=" + pc.LocalAddr().String()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.ServeUDP(pc); err != nil {
+				srv.udpErrors.Add(1)
+				w.Printf("UDPERR %v", err)
+			}
+		}()
+	}
+	return srv, addrs, stop, nil
 }
 
 // Beat is one heartbeat line.

@@ -64,6 +64,11 @@ func TestParseBeat(t *testing.T) {
 	if !ok || b.Seq != 12 || b.GapMS != 12.345 || b.MaxGapMS != 140 || b.Time.UnixMicro() != 1700000000123456 {
 		t.Errorf("%+v %v", b, ok)
 	}
+	// The network counters at the end of the line change nothing.
+	b, ok = ParseBeat("BEAT seq=12 writes=340 maxgap_ms=140.0 gap_ms=12.345 t_ms=1700000000123.456 tcp_conns=3 tcp_errors=0 udp=17 udp_errors=0")
+	if !ok || b.Seq != 12 || b.GapMS != 12.345 || b.MaxGapMS != 140 || b.Time.UnixMicro() != 1700000000123456 {
+		t.Errorf("with network counters: %+v %v", b, ok)
+	}
 	for _, bad := range []string{"BEAT seq=1 writes=2 maxgap_ms=3", "CHECK seq=1 OK", ""} {
 		if _, ok := ParseBeat(bad); ok {
 			t.Errorf("ParseBeat(%q) accepted", bad)
