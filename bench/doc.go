@@ -11,9 +11,16 @@
 // bench/workload) or a user's command on the source, migrates it with
 // `phaul migrate --json`, reads the workload's heartbeats, and has the
 // workload verify its memory on the target. What cannot be run (CRIU
-// without a 4.x criu, the TCP workload) is reported as a note, never
-// faked. Results are written as JSON, a Markdown report with medians and
-// spreads (WriteMarkdown), and SVG plots (Plots).
+// without a 4.x criu) is reported as a note, never faked. Results are
+// written as JSON, a Markdown report with medians and spreads
+// (WriteMarkdown), and SVG plots (Plots).
+//
+// With Config.TCPClients the workload is also a server, and clients on a
+// third host (NewClientHosts) stay connected to it through each
+// migration, which carries the connections and moves the service address
+// with an action script: the stall a connected client saw is measured
+// next to the process's own downtime, and a client that loses, duplicates
+// or corrupts a message fails the run.
 //
 // The hot paths of a migration have Go benchmarks in bench/hotpath.
 package bench

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,12 +21,25 @@ import (
 // Hosts is two host-like namespaces, "source" and "target", with the
 // processes started on them, each logging to a file in Dir. Close stops
 // every process and removes the namespaces, also after a failure.
+//
+// Built by NewClientHosts, it also has a third host, "client", from which
+// clients reach the workload at the service address VIP: a /32 on the
+// loopback of the host that has the workload, with a route on the client
+// via that host (as through a load balancer). ActionScript moves it along
+// with the process: phaul runs it on both sides of a migration.
 type Hosts struct {
 	Net            *topology.Network
 	Source, Target *topology.Host
+	// Client is the clients' host (nil with two hosts).
+	Client *topology.Host
+	// VIP is the service address, and ActionScript the script that moves
+	// it (both "" with two hosts).
+	VIP          string
+	ActionScript string
 	// Phaul is the phaul executable run on both hosts.
 	Phaul string
-	// Dir holds the logs of the processes.
+	// Dir holds the logs of the processes (and the action script's log,
+	// actions.log).
 	Dir string
 
 	mu    sync.Mutex
@@ -40,6 +54,84 @@ func NewHosts(ctx context.Context, phaul, dir string) (*Hosts, error) {
 		return nil, fmt.Errorf("build the two hosts: %w", err)
 	}
 	return &Hosts{Net: n, Source: n.Host("source"), Target: n.Host("target"), Phaul: phaul, Dir: dir}, nil
+}
+
+// moveScript is the action script of NewClientHosts, a format taking the
+// log file, the service address, the client's namespace and the source's
+// and target's addresses. The target takes the address at network-lock
+// (before it restores the sockets bound to it) and points the client's
+// route at itself; the source gives it up after the dump. Rollback on
+// either side undoes that side's part.
+const moveScript = `#!/bin/sh
+# Written by phaul bench: the service address follows the workload.
+echo "$(date +%%s.%%N) $PHAUL_SIDE $PHAUL_ACTION id=$PHAUL_MIGRATION_ID pid=$PHAUL_PID addrs=$PHAUL_ADDRESSES" >> %[1]s
+set -e
+case "$PHAUL_SIDE/$PHAUL_ACTION" in
+source/post-dump)
+	ip addr del %[2]s/32 dev lo ;;
+source/rollback)
+	ip addr replace %[2]s/32 dev lo
+	ip -n %[3]s route replace %[2]s/32 via %[4]s ;;
+target/network-lock)
+	ip addr replace %[2]s/32 dev lo
+	ip -n %[3]s route replace %[2]s/32 via %[5]s ;;
+target/rollback)
+	ip addr del %[2]s/32 dev lo 2>/dev/null || true ;;
+esac
+`
+
+// NewClientHosts builds the two hosts and a client host, with the service
+// address and the action script that moves it (see Hosts).
+func NewClientHosts(ctx context.Context, phaul, dir string) (*Hosts, error) {
+	n, err := topology.New(ctx, "source", "target", "client")
+	if err != nil {
+		return nil, fmt.Errorf("build the three hosts: %w", err)
+	}
+	h := &Hosts{Net: n, Source: n.Host("source"), Target: n.Host("target"), Client: n.Host("client"),
+		VIP: n.FreeAddr(), Phaul: phaul, Dir: dir}
+	h.ActionScript = filepath.Join(dir, "move-address.sh")
+	body := fmt.Sprintf(moveScript, filepath.Join(dir, "actions.log"), h.VIP, h.Client.NS, h.Source.Addr, h.Target.Addr)
+	if err := os.WriteFile(h.ActionScript, []byte(body), 0o755); err != nil {
+		_ = n.Close()
+		return nil, err
+	}
+	return h, nil
+}
+
+// PlaceVIP puts the service address on the source, wherever an earlier
+// run left it, and routes the client's traffic for it via the source.
+func (h *Hosts) PlaceVIP(ctx context.Context) error {
+	if h.Client == nil {
+		return nil
+	}
+	_ = ipCmd(ctx, "-n", h.Target.NS, "addr", "del", h.VIP+"/32", "dev", "lo")
+	if err := ipCmd(ctx, "-n", h.Source.NS, "addr", "replace", h.VIP+"/32", "dev", "lo"); err != nil {
+		return err
+	}
+	return ipCmd(ctx, "-n", h.Client.NS, "route", "replace", h.VIP+"/32", "via", h.Source.Addr)
+}
+
+// Dial connects to addr from the client host (from here with two hosts).
+func (h *Hosts) Dial(network, addr string) (net.Conn, error) {
+	dial := func() (net.Conn, error) { return net.DialTimeout(network, addr, 5*time.Second) }
+	if h.Client == nil {
+		return dial()
+	}
+	var c net.Conn
+	err := h.Client.Do(func() error {
+		var err error
+		c, err = dial()
+		return err
+	})
+	return c, err
+}
+
+func ipCmd(ctx context.Context, args ...string) error {
+	out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
 }
 
 // Close stops every process still running, newest first, then removes the
@@ -130,11 +222,15 @@ type Serve struct {
 	Pid int
 }
 
-// StartServe starts phaul serve on the target host and waits until it
-// listens.
+// StartServe starts phaul serve on the target host (with the action script,
+// if any) and waits until it listens.
 func (h *Hosts) StartServe(ctx context.Context, port int, log string) (*Serve, error) {
 	addr := fmt.Sprintf("%s:%d", h.Target.Addr, port)
-	p, err := h.Start(h.Target.CommandNewPIDNS(ctx, h.Phaul, "serve", "--listen", addr, "--insecure", "-v"), log)
+	args := []string{"serve", "--listen", addr, "--insecure", "-v"}
+	if h.ActionScript != "" {
+		args = append(args, "--action-script", h.ActionScript)
+	}
+	p, err := h.Start(h.Target.CommandNewPIDNS(ctx, h.Phaul, args...), log)
 	if err != nil {
 		return nil, fmt.Errorf("start phaul serve on the target: %w", err)
 	}

@@ -25,14 +25,15 @@ type Plot struct {
 }
 
 // Plots builds the standard plots of a bench session: downtime against
-// memory size, downtime against dirty rate, and bytes per round. A plot
-// with no data is left out.
+// memory size (with the clients' stall, when measured), downtime against
+// dirty rate, and bytes per round. A plot with no data is left out.
 func Plots(res *Results) []Plot {
 	gs := groups(res.Runs)
 	byMem := map[string]*Series{}
 	byDirty := map[string]*Series{}
 	var rounds []Series
 	var memKeys, dirtyKeys []string
+	stalls := false
 	for _, g := range gs {
 		if len(g.runs) == 0 {
 			continue
@@ -54,6 +55,15 @@ func Plots(res *Results) []Plot {
 				dirtyKeys = append(dirtyKeys, k)
 			}
 			byDirty[k].Points = append(byDirty[k].Points, [2]float64{float64(g.dirty), down.Median})
+		}
+		if stall := optMetric(g.runs, clientStall); stall.N > 0 {
+			stalls = true
+			k := fmt.Sprintf("%s, %d pages/s, client stall", cfg, g.dirty)
+			if byMem[k] == nil {
+				byMem[k] = &Series{Label: k}
+				memKeys = append(memKeys, k)
+			}
+			byMem[k].Points = append(byMem[k].Points, [2]float64{float64(g.mem) / (1 << 20), stall.Median})
 		}
 		// Median bytes of each round over the repeats.
 		maxRounds := 0
@@ -83,8 +93,12 @@ func Plots(res *Results) []Plot {
 	}
 	var plots []Plot
 	if len(memKeys) > 0 {
-		plots = append(plots, Plot{File: "downtime-vs-memory.svg", Title: "Downtime the application saw, by memory size",
-			XLabel: "memory (MiB)", YLabel: "app downtime (ms, median)", Series: collect(memKeys, byMem)})
+		p := Plot{File: "downtime-vs-memory.svg", Title: "Downtime the application saw, by memory size",
+			XLabel: "memory (MiB)", YLabel: "app downtime (ms, median)", Series: collect(memKeys, byMem)}
+		if stalls {
+			p.Title, p.YLabel = "Downtime the application and its clients saw, by memory size", "app downtime, client stall (ms, median)"
+		}
+		plots = append(plots, p)
 	}
 	if len(dirtyKeys) > 0 {
 		plots = append(plots, Plot{File: "downtime-vs-dirty-rate.svg", Title: "Downtime the application saw, by dirty rate",

@@ -49,5 +49,8 @@ func describeRun(r Run) string {
 	if r.AppDowntimeMS != nil {
 		app = fmt.Sprintf("%.1f ms", *r.AppDowntimeMS)
 	}
+	if r.ClientStallMS != nil {
+		app += fmt.Sprintf(", client stall %.1f ms", *r.ClientStallMS)
+	}
 	return fmt.Sprintf("%s: app downtime %s, frozen %.1f ms, total %.0f ms, %d rounds, %.1f MiB", what, app, r.FrozenMS, r.TotalMS, r.Rounds, float64(r.Bytes)/(1<<20))
 }

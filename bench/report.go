@@ -33,9 +33,18 @@ type Run struct {
 	// the migration (compare with TotalMS: a gap ending near the end is
 	// the freeze; one ending earlier happened during the rounds).
 	AppGapEndMS float64 `json:"app_gap_end_ms,omitempty"`
-	// ClientStallMS is the largest gap a connected client saw; nil when no
-	// client was measured.
+	// TCPClients is the number of TCP clients connected through the
+	// migration (besides one UDP client); 0 without clients.
+	TCPClients int `json:"tcp_clients,omitempty"`
+	// ClientStallMS is the largest stall a connected TCP client saw: the
+	// largest of the clients' largest gaps between two messages received
+	// that overlap the migration. Nil when no client was measured.
 	ClientStallMS *float64 `json:"client_stall_ms"`
+	// UDPGapMS is the UDP client's largest gap between two answers, when
+	// it overlaps the migration (else nil).
+	UDPGapMS *float64 `json:"udp_gap_ms"`
+	// Clients is what each client saw, the UDP client last.
+	Clients []ClientResult `json:"clients,omitempty"`
 	// FrozenMS is phaul's own account: source freeze to target resume.
 	FrozenMS float64 `json:"frozen_ms"`
 	// Phases splits FrozenMS (phaul's downtime_phases, in ms).
@@ -195,7 +204,7 @@ func WriteMarkdown(w io.Writer, res *Results) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# phaul bench\n\n%s, kernel %s, started %s\n\n`%s`\n\n",
 		res.Host, res.Kernel, res.Started.UTC().Format(time.RFC3339), res.Command)
-	b.WriteString("Medians over the repeats, with min–max. App downtime is the largest gap between the workload's own heartbeats around the migration; frozen is phaul's source-freeze-to-target-resume figure; CPU is phaul's, in seconds, on the source (migrate) and the target (serve). – means not measured.\n\n")
+	b.WriteString("Medians over the repeats, with min–max. App downtime is the largest gap between the workload's own heartbeats around the migration; client stall is the largest gap between two messages a connected TCP client received during it; frozen is phaul's source-freeze-to-target-resume figure; CPU is phaul's, in seconds, on the source (migrate) and the target (serve). – means not measured.\n\n")
 	b.WriteString("| config | workload | memory | dirty pages/s | runs | app downtime ms | client stall ms | frozen ms | total ms | MiB on wire | rounds | source CPU s | target CPU s |\n")
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	gs := groups(res.Runs)
@@ -214,6 +223,9 @@ func WriteMarkdown(w io.Writer, res *Results) error {
 			cell(metric(g.runs, func(r Run) float64 { return float64(r.Rounds) }), 0),
 			cell(metric(g.runs, func(r Run) float64 { return r.SourceCPU }), 2),
 			cell(metric(g.runs, func(r Run) float64 { return r.TargetCPU }), 2))
+	}
+	if lines := clientLines(gs); len(lines) > 0 {
+		b.WriteString("\n## What connected clients saw\n\n" + strings.Join(lines, "\n") + "\n")
 	}
 	if names := phaseNames(res.Runs); len(names) > 0 {
 		b.WriteString("\n## Where the frozen time went\n\nMedian milliseconds of each phase of phaul's downtime.\n\n| config | workload | memory | dirty pages/s |")
@@ -260,6 +272,47 @@ func WriteMarkdown(w io.Writer, res *Results) error {
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// clientLines says, for each point with clients, how their stall compares
+// with the process's own downtime and phaul's frozen time (medians).
+func clientLines(gs []*group) []string {
+	var out []string
+	for _, g := range gs {
+		stall := optMetric(g.runs, clientStall)
+		if stall.N == 0 {
+			continue
+		}
+		clients := 0
+		for _, r := range g.runs {
+			clients = max(clients, r.TCPClients)
+		}
+		line := fmt.Sprintf("- %s, %s, %s, %d pages/s: the %d TCP clients stalled %.1f ms (median of %d)",
+			g.config, g.workload, sizeString(g.mem), g.dirty, clients, stall.Median, stall.N)
+		if down := optMetric(g.runs, appDowntime); down.N > 0 {
+			line += fmt.Sprintf(", %s the %.1f ms the process itself was stopped", compare(stall.Median, down.Median), down.Median)
+		}
+		frozen := metric(g.runs, func(r Run) float64 { return r.FrozenMS })
+		line += fmt.Sprintf(" and %s phaul's frozen time (%.1f ms)", compare(stall.Median, frozen.Median), frozen.Median)
+		if udp := optMetric(g.runs, func(r Run) *float64 { return r.UDPGapMS }); udp.N > 0 {
+			line += fmt.Sprintf("; the UDP echo went %.1f ms without an answer", udp.Median)
+		}
+		out = append(out, line+".")
+	}
+	return out
+}
+
+// compare says how a compares with b: "5.0 ms more than", "2.0 ms less
+// than" or "as long as".
+func compare(a, b float64) string {
+	switch d := a - b; {
+	case d >= 0.05:
+		return fmt.Sprintf("%.1f ms more than", d)
+	case d <= -0.05:
+		return fmt.Sprintf("%.1f ms less than", -d)
+	default:
+		return "as long as"
+	}
 }
 
 // cell formats a summary as "median (min–max)", or – without data.

@@ -14,9 +14,11 @@ import (
 
 func ms(v float64) *float64 { return &v }
 
+const sampleNote = "CRIU comparisons skipped: criu is not on the PATH."
+
 func sample() *Results {
 	res := &Results{Started: time.Unix(1700000000, 0), Host: "h", Kernel: "6.18", Command: "phaul bench",
-		Notes: []string{TCPUnavailable + "."}}
+		Notes: []string{sampleNote}}
 	for _, mem := range []int64{256 << 20, 1 << 30} {
 		for rep := 0; rep < 3; rep++ {
 			res.Runs = append(res.Runs, Run{Config: "uffdwp/s2", Workload: "heap", MemBytes: mem, DirtyRate: 1000, Repeat: rep,
@@ -24,6 +26,15 @@ func sample() *Results {
 				SourceCPU: 0.25 * float64(rep+1), TargetCPU: 0.5 + float64(rep),
 				Phases:     map[string]float64{"final_round_ms": 2, "commit_ms": float64(rep), "new_phase_ms": 1},
 				RoundBytes: []uint64{90 << 20, 8 << 20, 2 << 20}})
+			if mem == 256<<20 {
+				// Clients connected: their stall, and the UDP echo's
+				// gap in two of the three runs.
+				r := &res.Runs[len(res.Runs)-1]
+				r.TCPClients, r.ClientStallMS = 3, ms(float64(40+10*rep))
+				if rep > 0 {
+					r.UDPGapMS = ms(float64(60 + rep))
+				}
+			}
 		}
 	}
 	res.Runs = append(res.Runs, Run{Config: "uffdwp/s2", Workload: "heap", MemBytes: 1 << 30, DirtyRate: 1000, Repeat: 3, Err: "target refused:\nno room"})
@@ -89,10 +100,13 @@ func TestReportAgreesWithJSON(t *testing.T) {
 				t.Errorf("%s %s %s: report says %q, JSON gives %q", g.config, sizeString(g.mem), col, row[col], want)
 			}
 		}
-		var app, frozen, src, tgt, mib []float64
+		var app, stall, frozen, src, tgt, mib []float64
 		for _, r := range g.runs {
 			if r.AppDowntimeMS != nil {
 				app = append(app, *r.AppDowntimeMS)
+			}
+			if r.ClientStallMS != nil {
+				stall = append(stall, *r.ClientStallMS)
 			}
 			frozen = append(frozen, r.FrozenMS)
 			src = append(src, r.SourceCPU)
@@ -104,12 +118,20 @@ func TestReportAgreesWithJSON(t *testing.T) {
 		check("source CPU s", src, 2)
 		check("target CPU s", tgt, 2)
 		check("MiB on wire", mib, 1)
-		check("client stall ms", nil, 1)
+		check("client stall ms", stall, 1)
 	}
 	if !strings.Contains(string(md), "+1 failed") || !strings.Contains(string(md), "target refused: no room") {
 		t.Errorf("failed run not reported:\n%s", md)
 	}
-	if !strings.Contains(string(md), "## Notes\n\n- "+TCPUnavailable) {
+	// Medians of the 256 MiB runs: stall 50, app downtime 11, frozen 9,
+	// UDP gap 61.5; the 1 GiB runs have no clients.
+	want := "## What connected clients saw\n\n- uffdwp/s2, heap, 256 MiB, 1000 pages/s: the 3 TCP clients stalled 50.0 ms (median of 3), " +
+		"39.0 ms more than the 11.0 ms the process itself was stopped and 41.0 ms more than phaul's frozen time (9.0 ms); " +
+		"the UDP echo went 61.5 ms without an answer.\n\n"
+	if !strings.Contains(string(md), want) {
+		t.Errorf("no client sentence %q:\n%s", want, md)
+	}
+	if !strings.Contains(string(md), "## Notes\n\n- "+sampleNote) {
 		t.Errorf("notes not reported:\n%s", md)
 	}
 	phases := tableRows(string(md), "| config | workload | memory | dirty pages/s | final_round |")

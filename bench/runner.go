@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"strconv"
@@ -34,8 +35,13 @@ type Config struct {
 	Repeat int
 	// Compare holds --compare specs (see CompareHelp).
 	Compare []string
-	// Workloads names the workloads: "mem" (built-in) and "tcp".
+	// Workloads names the workloads: "mem" (built-in) and "tcp" (the
+	// built-in one with TCPClients clients, DefaultTCPClients if 0).
 	Workloads []string
+	// TCPClients, when above 0, makes the built-in workload a server with
+	// that many TCP clients and one UDP client connected from a third
+	// host through every migration (see RunBench).
+	TCPClients int
 	// Cmd, when set, is a shell command run as the workload instead of the
 	// built-in one (it must be a single process phaul can migrate).
 	Cmd string
@@ -65,8 +71,9 @@ var (
 	DefaultDirtyRates = []int{0, 1000}
 )
 
-// TCPUnavailable is why the TCP workload is not run.
-const TCPUnavailable = "tcp workload unavailable: phaul cannot migrate TCP connections yet (sockets are refused at dump time), so a client's stall cannot be measured"
+// DefaultTCPClients is the number of TCP clients of the "tcp" workload
+// when Config.TCPClients is 0.
+const DefaultTCPClients = 3
 
 // ErrNothingToRun reports a session in which no run could be made.
 var ErrNothingToRun = errors.New("nothing to run")
@@ -126,9 +133,22 @@ type runner struct {
 // RunBench runs a bench session and returns every run, failed ones
 // included. On cancellation it returns what was measured so far with the
 // context's error. Every process it started is gone when it returns.
+//
+// With TCPClients, the session runs on three hosts (NewClientHosts) and
+// in every run the workload serves TCP and UDP at the service address;
+// the clients connect from the client host and must all have received
+// traffic before the migration (made with --tcp-established and the
+// action script) and again after it, from the target; then they end in
+// order, each checking that every message went through exactly once. A
+// client's error fails the run. The run records the largest stall a TCP
+// client saw during the migration (ClientStallMS) and the UDP echo's
+// largest gap (UDPGapMS).
 func RunBench(ctx context.Context, cfg Config) (*Results, error) {
 	cfg = withDefaults(cfg)
 	res := newResults(cfg)
+	if cfg.TCPClients > 0 && cfg.Cmd != "" {
+		return res, errors.New("TCP clients need the built-in workload, not a command")
+	}
 	cases, err := plan(ctx, cfg, res)
 	if err != nil {
 		return res, err
@@ -150,7 +170,11 @@ func RunBench(ctx context.Context, cfg Config) (*Results, error) {
 	} else if err := os.MkdirAll(dir, 0o755); err != nil {
 		return res, err
 	}
-	hosts, err := NewHosts(ctx, cfg.Phaul, dir)
+	newHosts := NewHosts
+	if cfg.TCPClients > 0 {
+		newHosts = NewClientHosts
+	}
+	hosts, err := newHosts(ctx, cfg.Phaul, dir)
 	if err != nil {
 		return res, err
 	}
@@ -172,6 +196,9 @@ func withDefaults(cfg Config) Config {
 	}
 	if len(cfg.Workloads) == 0 {
 		cfg.Workloads = []string{"mem"}
+	}
+	if contains(cfg.Workloads, "tcp") && cfg.TCPClients == 0 {
+		cfg.TCPClients = DefaultTCPClients
 	}
 	cfg.Threads = max(cfg.Threads, 1)
 	cfg.Repeat = max(cfg.Repeat, 1)
@@ -218,7 +245,7 @@ func plan(ctx context.Context, cfg Config, res *Results) ([]runCase, error) {
 		case "mem":
 			mem = true
 		case "tcp":
-			res.Notes = append(res.Notes, TCPUnavailable+".")
+			mem = true
 		default:
 			return nil, fmt.Errorf("unknown workload %q (mem or tcp)", w)
 		}
@@ -229,6 +256,16 @@ func plan(ctx context.Context, cfg Config, res *Results) ([]runCase, error) {
 	}
 	if !mem {
 		return nil, nil
+	}
+	if cfg.TCPClients > 0 {
+		var modes []string
+		for i := 0; i < min(cfg.TCPClients, len(clientModes)); i++ {
+			modes = append(modes, clientModes[i].String())
+		}
+		res.Notes = append(res.Notes, fmt.Sprintf("Clients: %d TCP clients (modes %s, in turn) and a UDP client on a third host "+
+			"stay connected to the workload through each migration (phaul migrate --tcp-established, with an action script "+
+			"that moves the service address). Client stall is the largest gap between two messages a TCP client received "+
+			"that overlaps the migration; a client error fails the run.", cfg.TCPClients, strings.Join(modes, ", ")))
 	}
 	mems, dirties := cfg.Mems, cfg.DirtyRates
 	if cfg.Cmd != "" {
@@ -286,10 +323,20 @@ func (r *runner) runOne(ctx context.Context, c runCase) Run {
 	return run
 }
 
-// measure does one run: target ready, workload started and warmed up,
-// migration, the workload's account of it, and its self-check on the
-// target.
+// measure does one run: target ready, workload started (and its clients
+// connected) and warmed up, migration, the workload's (and the clients')
+// account of it, and its self-check on the target.
 func (r *runner) measure(ctx context.Context, c runCase, run *Run) error {
+	clients := 0
+	if c.userCmd == "" {
+		clients = r.cfg.TCPClients
+	}
+	run.TCPClients = clients
+	if clients > 0 {
+		if err := r.hosts.PlaceVIP(ctx); err != nil {
+			return fmt.Errorf("place the service address on the source: %w", err)
+		}
+	}
 	serve, err := r.startTarget(ctx, c.index)
 	if err != nil {
 		return err
@@ -307,15 +354,33 @@ func (r *runner) measure(ctx context.Context, c runCase, run *Run) error {
 		if c.v.Random {
 			argv = append(argv, "--random")
 		}
+		if clients > 0 {
+			argv = append(argv, "--listen", r.serviceAddr(c.index, 0), "--udp", r.serviceAddr(c.index, 1))
+		}
 	}
 	wl, err := r.hosts.Start(r.sourceCommand(ctx, argv[0], argv[1:]...), fmt.Sprintf("run%03d-workload.log", c.index))
 	if err != nil {
 		return fmt.Errorf("start the workload: %w", err)
 	}
 	defer wl.Stop()
+	var cs *clientSet
 	if c.userCmd == "" {
-		if _, err := WaitLine(ctx, wl.Log, "READY", 2*time.Minute); err != nil {
+		ready, err := WaitLine(ctx, wl.Log, "READY", 2*time.Minute)
+		if err != nil {
 			return err
+		}
+		if clients > 0 {
+			tcpAddr, udpAddr := readyAddrs(ready)
+			if tcpAddr == "" || udpAddr == "" {
+				return fmt.Errorf("the workload does not serve TCP and UDP: %s", ready)
+			}
+			if cs, err = startClients(r.hosts.Dial, clients, tcpAddr, udpAddr); err != nil {
+				return err
+			}
+			defer cs.abort()
+			if err := cs.waitTraffic(ctx, "before the migration", clientWait); err != nil {
+				return err
+			}
 		}
 	}
 	if err := sleep(ctx, r.cfg.Warmup); err != nil {
@@ -351,12 +416,22 @@ func (r *runner) measure(ctx context.Context, c runCase, run *Run) error {
 		}
 		return nil
 	}
+	if cs != nil {
+		if err := cs.waitTraffic(ctx, "after the migration", clientWait); err != nil {
+			return err
+		}
+	}
 	gap, at, err := appGap(ctx, wl.Log, m.start, m.end, 5*time.Second)
 	if err != nil {
 		return err
 	}
 	run.AppDowntimeMS = &gap
 	run.AppGapEndMS = float64(at.Sub(m.start).Microseconds()) / 1000
+	if cs != nil {
+		if err := closeClients(ctx, cs, m, wl.Log, run); err != nil {
+			return err
+		}
+	}
 	// The workload checks all of its memory where it now runs.
 	if err := syscall.Kill(m.pid, syscall.SIGUSR1); err != nil {
 		return fmt.Errorf("ask the workload for its self-check: %w", err)
@@ -369,6 +444,43 @@ func (r *runner) measure(ctx context.Context, c runCase, run *Run) error {
 		return fmt.Errorf("self-check after the migration: %s", line)
 	}
 	run.Checked = true
+	return nil
+}
+
+// serviceAddr is where the workload of run i serves TCP (k = 0) or UDP
+// (k = 1): the service address with three hosts, else any port on the
+// loopback (tests).
+func (r *runner) serviceAddr(i, k int) string {
+	if r.hosts.Client == nil {
+		return "127.0.0.1:0"
+	}
+	return net.JoinHostPort(r.hosts.VIP, strconv.Itoa(8000+2*(i%500)+k))
+}
+
+// closeClients ends the clients of a run in order and records what they
+// saw of the migration m. Any client error, and any violation the
+// workload's server reported in its log, fails the run.
+func closeClients(ctx context.Context, cs *clientSet, m *migration, log string, run *Run) error {
+	tcp, udp, err := cs.close(ctx)
+	run.Clients = clientResults(tcp, cs.modes, udp, m.start, m.end)
+	if err != nil {
+		return fmt.Errorf("clients: %w", err)
+	}
+	for _, prefix := range []string{"TCPERR", "UDPERR"} {
+		if l, ok := LastLine(log, prefix); ok {
+			return fmt.Errorf("the workload's server reported: %s", l)
+		}
+	}
+	stall, err := windowStall(tcp, m.start, m.end)
+	if err != nil {
+		return err
+	}
+	v := millis(stall)
+	run.ClientStallMS = &v
+	if overlaps(udp.GapStart, udp.GapEnd, m.start, m.end) {
+		u := millis(udp.MaxGap)
+		run.UDPGapMS = &u
+	}
 	return nil
 }
 
@@ -433,6 +545,9 @@ func (r *runner) phaulMigrate(ctx context.Context, c runCase, pid int, serve *Se
 	}
 	if c.v.Downtime > 0 {
 		args = append(args, "--downtime", c.v.Downtime.String())
+	}
+	if r.cfg.TCPClients > 0 && c.userCmd == "" {
+		args = append(args, "--tcp-established", "--action-script", r.hosts.ActionScript)
 	}
 	args = append(args, strconv.Itoa(pid))
 	cmd := r.hosts.Source.Command(ctx, r.cfg.Phaul, args...)

@@ -209,14 +209,14 @@ func (c *TCPClient) write() {
 			c.byeSent.Store(true)
 			if _, err := c.conn.Write(appendFrame(buf[:0], frameBye, seq, nil)); err != nil {
 				c.byeSent.Store(false)
-				c.setErr(fmt.Errorf("%w: tcp client %d: send bye: %w", ErrClosed, id, err))
+				c.setErr(fmt.Errorf("%w: tcp client %d: send bye: %w", ErrClosed, id, resetOnPipe(err)))
 			}
 			return
 		case <-t.C:
 		}
 		buf = appendFrame(buf[:0], frameData, seq, gen.make(payloadLen(mode, id, dirUp, seq), id, dirUp, seq))
 		if _, err := c.conn.Write(buf); err != nil {
-			c.setErr(fmt.Errorf("%w: tcp client %d: send message %d: %w", ErrClosed, id, seq, err))
+			c.setErr(fmt.Errorf("%w: tcp client %d: send message %d: %w", ErrClosed, id, seq, resetOnPipe(err)))
 			return
 		}
 		seq++
@@ -499,4 +499,14 @@ func (c *UDPClient) read() {
 		}
 		c.mu.Unlock()
 	}
+}
+
+// resetOnPipe names a broken pipe on send as the reset it is: the client
+// never shuts its side down before the bye, so EPIPE means the connection
+// was reset (the writer merely noticed before the reader).
+func resetOnPipe(err error) error {
+	if errors.Is(err, syscall.EPIPE) {
+		return fmt.Errorf("%w (%w)", syscall.ECONNRESET, err)
+	}
+	return err
 }

@@ -19,8 +19,8 @@ import (
 func init() {
 	register(&command{
 		name:    "bench",
-		summary: "measure migrations: app-observed downtime, frozen time, total time, bytes, rounds, CPU; report and plots",
-		usage:   "[--mem SIZES] [--dirty RATES] [--threads N] [--repeat N] [--compare KEY=V1,V2]... [--cmd CMD] [--out DIR] [--json]",
+		summary: "measure migrations: app-observed downtime, client stall, frozen time, total time, bytes, rounds, CPU; report and plots",
+		usage:   "[--mem SIZES] [--dirty RATES] [--threads N] [--repeat N] [--compare KEY=V1,V2]... [--tcp-clients N] [--cmd CMD] [--out DIR] [--json]",
 		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
 			mems := fs.StringSlice("mem", []string{"64M", "256M"}, "memory sizes of the built-in workload")
 			dirty := fs.IntSlice("dirty", bench.DefaultDirtyRates, "dirty rates of the built-in workload, pages rewritten per second")
@@ -28,7 +28,17 @@ func init() {
 			repeat := fs.Int("repeat", 3, "runs of each configuration (medians and spreads are over these)")
 			random := fs.Bool("random", false, "the workload's pages hold random (incompressible) data instead of heap-like data")
 			compare := fs.StringArray("compare", nil, bench.CompareHelp)
-			workloads := fs.StringSlice("workload", []string{"mem"}, "workloads: mem (built-in, heartbeats) and tcp (a client measuring its stall: not available yet, reported as such)")
+			workloads := fs.StringSlice("workload", []string{"mem"}, "workloads: mem (built-in, heartbeats) and tcp (the same, with --tcp-clients clients, 3 if not given)")
+			tcpClients := fs.Int("tcp-clients", 0, "connect `N` TCP clients (and one UDP client) to the workload through every migration (0: none).\n"+
+				"The workload then also serves TCP and UDP on a service address, and the clients\n"+
+				"connect from a third host, in modes normal, lazy-server, bulk in turn; phaul\n"+
+				"migrate runs with --tcp-established and an action script (serve too) that\n"+
+				"moves the address to the target. Each run waits until every client has\n"+
+				"traffic before the migration and again after it, then closes them in order,\n"+
+				"each checking that every message went through exactly once; a client error\n"+
+				"fails the run. Recorded: client_stall_ms (the largest gap between two\n"+
+				"messages a TCP client received that overlaps the migration: the stall a\n"+
+				"connected client saw, to compare with the app downtime) and udp_gap_ms")
 			cmdLine := fs.String("cmd", "", "run this shell command as the workload instead (one process; its own downtime is not measured)")
 			heartbeat := fs.Duration("heartbeat", 10*time.Millisecond, "heartbeat interval of the built-in workload (the resolution of the app downtime)")
 			warmup := fs.Duration("warmup", 500*time.Millisecond, "how long the workload runs before it is migrated")
@@ -39,8 +49,8 @@ func init() {
 					return usageError("unexpected argument %q", args[0])
 				}
 				cfg := bench.Config{DirtyRates: *dirty, Threads: *threads, Random: *random, Repeat: *repeat,
-					Compare: *compare, Workloads: *workloads, Cmd: *cmdLine, Heartbeat: *heartbeat, Warmup: *warmup,
-					CommandLine: commandLine(fs)}
+					Compare: *compare, Workloads: *workloads, TCPClients: *tcpClients, Cmd: *cmdLine, Heartbeat: *heartbeat,
+					Warmup: *warmup, CommandLine: commandLine(fs)}
 				for _, m := range *mems {
 					n, err := workload.ParseSize(m)
 					if err != nil || n == 0 {
@@ -58,6 +68,12 @@ func init() {
 				}
 				if *repeat < 1 || *threads < 1 {
 					return usageError("--repeat and --threads take 1 or more")
+				}
+				if *tcpClients < 0 || *tcpClients > 1000 {
+					return usageError("--tcp-clients %d: 0 to 1000", *tcpClients)
+				}
+				if *tcpClients > 0 && *cmdLine != "" {
+					return usageError("--tcp-clients needs the built-in workload, not --cmd")
 				}
 				return runBench(ctx, env, cfg, *out, *asJSON)
 			}
