@@ -11,12 +11,12 @@ import (
 	"time"
 
 	"github.com/phaul/phaul/engine/image"
-	"github.com/phaul/phaul/netlock"
 	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/engine/ptrace"
 	"github.com/phaul/phaul/engine/stub"
 	"github.com/phaul/phaul/internal/hostinfo"
 	"github.com/phaul/phaul/internal/sys"
+	"github.com/phaul/phaul/netlock"
 	"github.com/phaul/phaul/protocol/imagepb"
 )
 
