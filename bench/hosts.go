@@ -18,6 +18,9 @@ import (
 	"github.com/phaul/phaul/internal/topology"
 )
 
+// buildNetwork builds the hosts' network (tests record what it built).
+var buildNetwork = topology.New
+
 // Hosts is two host-like namespaces, "source" and "target", with the
 // processes started on them, each logging to a file in Dir. Close stops
 // every process and removes the namespaces, also after a failure.
@@ -49,7 +52,7 @@ type Hosts struct {
 // NewHosts builds the two hosts. phaul is the phaul executable; logs go to
 // dir.
 func NewHosts(ctx context.Context, phaul, dir string) (*Hosts, error) {
-	n, err := topology.New(ctx, "source", "target")
+	n, err := buildNetwork(ctx, "source", "target")
 	if err != nil {
 		return nil, fmt.Errorf("build the two hosts: %w", err)
 	}
@@ -83,7 +86,7 @@ esac
 // NewClientHosts builds the two hosts and a client host, with the service
 // address and the action script that moves it (see Hosts).
 func NewClientHosts(ctx context.Context, phaul, dir string) (*Hosts, error) {
-	n, err := topology.New(ctx, "source", "target", "client")
+	n, err := buildNetwork(ctx, "source", "target", "client")
 	if err != nil {
 		return nil, fmt.Errorf("build the three hosts: %w", err)
 	}

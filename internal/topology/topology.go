@@ -121,6 +121,10 @@ func (n *Network) addNS(ctx context.Context, name string) error {
 	return nil
 }
 
+// Namespaces returns the names of the namespaces the network created
+// (under /run/netns), hub included.
+func (n *Network) Namespaces() []string { return append([]string(nil), n.nsList...) }
+
 // Close removes every namespace the network created (and with them the
 // interfaces). Processes still running in them keep the namespaces alive
 // until they exit: stop them first.
