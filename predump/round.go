@@ -137,17 +137,27 @@ func Run(ctx context.Context, t tracker.Tracker, sink Sink, opt Options) (*Resul
 	keepable := tracker.Intersect(opt.Previous, d.Unchanged())
 	// After the first round, a page outside what was recorded and what
 	// was written since cannot hold anything of the process's own.
-	var within tracker.Ranges
+	var within, changed tracker.Ranges
 	if opt.Previous != nil {
-		within = tracker.Union(tracker.Union(opt.Previous, d.Dirty), opt.Deferred)
+		changed = append(tracker.Ranges{}, tracker.Union(d.Dirty, opt.Deferred)...) // never nil: nil means all
+		within = tracker.Union(opt.Previous, changed)
 	}
 	var deferred []tracker.Range
 	var ops []op
 	for _, a := range d.Areas {
-		present, err := pm.PresentWithin(a, within)
+		w, assumed := within, tracker.Ranges(nil)
+		if opt.Previous != nil && d.DropsReported && !a.File && !a.Shared {
+			// Private anonymous memory loses a page only with a report
+			// of it: the kept pages are there, and the walk (over every
+			// kept page, inside the downtime for the final round) is
+			// only for what changed.
+			w, assumed = changed, tracker.Intersect(keepable, tracker.Ranges{a.Range})
+		}
+		present, err := pm.PresentWithin(a, w)
 		if err != nil {
 			return nil, fmt.Errorf("pre-dump round of %d: %w", pid, err)
 		}
+		present = tracker.Union(present, assumed)
 		if opt.Layout != nil {
 			deferred = append(deferred, tracker.Subtract(present, opt.Layout)...)
 			present = tracker.Intersect(present, opt.Layout)

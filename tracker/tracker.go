@@ -100,6 +100,14 @@ type Delta struct {
 	// Reset says why every page counts as written this round (tracking was
 	// lost or restarted); empty normally.
 	Reset string
+	// DropsReported says that a page dropped from private anonymous memory
+	// since the previous round (MADV_DONTNEED, a reclaimed MADV_FREE page)
+	// is in Dirty: its page table entry is gone with no write-protect
+	// marker left (the kernel keeps markers only for file and shared
+	// memory), which uffdwp sees as written, and the hash backend as new
+	// contents. A page there that is not in Dirty is then still the one
+	// recorded, with no need to look at it.
+	DropsReported bool
 }
 
 // Scanned returns the number of pages the round covered.
@@ -319,7 +327,7 @@ func (b *base) state() *imagepb.TrackerState {
 // newDelta starts the answer of a round that looked at the process at now.
 func (b *base) newDelta(now time.Time, areas []Area) *Delta {
 	b.round++
-	d := &Delta{Round: b.round, Areas: areas, At: now}
+	d := &Delta{Round: b.round, Areas: areas, At: now, DropsReported: b.name != SoftDirty}
 	if !b.last.IsZero() {
 		d.Since = now.Sub(b.last)
 	}
