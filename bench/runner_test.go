@@ -362,6 +362,38 @@ func leftovers(bin string) []string {
 	return out
 }
 
+// watchLeftovers records the networks the bench builds from now on and
+// returns what finds, later, those of their namespaces and the processes
+// of bin that are still there. Other packages' tests build namespaces of
+// their own meanwhile: only the bench's count.
+func watchLeftovers(t *testing.T, bin string) func() []string {
+	before := leftovers(bin)
+	var mu sync.Mutex
+	var mine []string
+	build := buildNetwork
+	buildNetwork = func(ctx context.Context, names ...string) (*topology.Network, error) {
+		n, err := build(ctx, names...)
+		if n != nil {
+			mu.Lock()
+			mine = append(mine, n.Namespaces()...)
+			mu.Unlock()
+		}
+		return n, err
+	}
+	t.Cleanup(func() { buildNetwork = build })
+	return func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		var left []string
+		for _, x := range newOnly(before, leftovers(bin)) {
+			if !strings.HasPrefix(x, "netns ") || slices.Contains(mine, strings.TrimPrefix(x, "netns ")) {
+				left = append(left, x)
+			}
+		}
+		return left
+	}
+}
+
 func newOnly(before, after []string) []string {
 	had := map[string]bool{}
 	for _, b := range before {
@@ -382,7 +414,7 @@ func newOnly(before, after []string) []string {
 func TestBenchEndToEnd(t *testing.T) {
 	needRoot(t)
 	bin := phaul(t)
-	before := leftovers(bin)
+	leftBehind := watchLeftovers(t, bin)
 	out := t.TempDir()
 	var progress []Progress
 	res, err := RunBench(context.Background(), Config{Phaul: bin, Mems: []int64{16 << 20}, DirtyRates: []int{1000},
@@ -394,7 +426,7 @@ func TestBenchEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if left := newOnly(before, leftovers(bin)); len(left) > 0 {
+	if left := leftBehind(); len(left) > 0 {
 		t.Errorf("left behind: %v", left)
 	}
 	if len(res.Runs) != 2 || len(progress) != 3 || progress[2].Done != 2 {
@@ -454,19 +486,7 @@ func TestBenchEndToEnd(t *testing.T) {
 func TestBenchInterrupted(t *testing.T) {
 	needRoot(t)
 	bin := phaul(t)
-	before := leftovers(bin)
-	// Other packages' tests build namespaces of their own meanwhile: only
-	// the ones this session built count.
-	var mine []string
-	build := buildNetwork
-	buildNetwork = func(ctx context.Context, names ...string) (*topology.Network, error) {
-		n, err := build(ctx, names...)
-		if n != nil {
-			mine = append(mine, n.Namespaces()...)
-		}
-		return n, err
-	}
-	t.Cleanup(func() { buildNetwork = build })
+	leftBehind := watchLeftovers(t, bin)
 	ctx, cancel := context.WithTimeout(context.Background(), 700*time.Millisecond)
 	defer cancel()
 	start := time.Now()
@@ -483,13 +503,7 @@ func TestBenchInterrupted(t *testing.T) {
 	if len(res.Runs) != 0 || len(res.Notes) == 0 {
 		t.Errorf("runs %d, notes %v", len(res.Runs), res.Notes)
 	}
-	var left []string
-	for _, x := range newOnly(before, leftovers(bin)) {
-		if !strings.HasPrefix(x, "netns ") || slices.Contains(mine, strings.TrimPrefix(x, "netns ")) {
-			left = append(left, x)
-		}
-	}
-	if len(left) > 0 {
+	if left := leftBehind(); len(left) > 0 {
 		t.Errorf("left behind: %v", left)
 	}
 }
