@@ -59,30 +59,6 @@ func NewHosts(ctx context.Context, phaul, dir string) (*Hosts, error) {
 	return &Hosts{Net: n, Source: n.Host("source"), Target: n.Host("target"), Phaul: phaul, Dir: dir}, nil
 }
 
-// moveScript is the action script of NewClientHosts, a format taking the
-// log file, the service address, the client's namespace and the source's
-// and target's addresses. The target takes the address at network-lock
-// (before it restores the sockets bound to it) and points the client's
-// route at itself; the source gives it up after the dump. Rollback on
-// either side undoes that side's part.
-const moveScript = `#!/bin/sh
-# Written by phaul bench: the service address follows the workload.
-echo "$(date +%%s.%%N) $PHAUL_SIDE $PHAUL_ACTION id=$PHAUL_MIGRATION_ID pid=$PHAUL_PID addrs=$PHAUL_ADDRESSES" >> %[1]s
-set -e
-case "$PHAUL_SIDE/$PHAUL_ACTION" in
-source/post-dump)
-	ip addr del %[2]s/32 dev lo ;;
-source/rollback)
-	ip addr replace %[2]s/32 dev lo
-	ip -n %[3]s route replace %[2]s/32 via %[4]s ;;
-target/network-lock)
-	ip addr replace %[2]s/32 dev lo
-	ip -n %[3]s route replace %[2]s/32 via %[5]s ;;
-target/rollback)
-	ip addr del %[2]s/32 dev lo 2>/dev/null || true ;;
-esac
-`
-
 // NewClientHosts builds the two hosts and a client host, with the service
 // address and the action script that moves it (see Hosts).
 func NewClientHosts(ctx context.Context, phaul, dir string) (*Hosts, error) {
@@ -93,8 +69,7 @@ func NewClientHosts(ctx context.Context, phaul, dir string) (*Hosts, error) {
 	h := &Hosts{Net: n, Source: n.Host("source"), Target: n.Host("target"), Client: n.Host("client"),
 		VIP: n.FreeAddr(), Phaul: phaul, Dir: dir}
 	h.ActionScript = filepath.Join(dir, "move-address.sh")
-	body := fmt.Sprintf(moveScript, filepath.Join(dir, "actions.log"), h.VIP, h.Client.NS, h.Source.Addr, h.Target.Addr)
-	if err := os.WriteFile(h.ActionScript, []byte(body), 0o755); err != nil {
+	if err := topology.WriteMoveScript(h.ActionScript, filepath.Join(dir, "actions.log"), h.VIP, h.Client, h.Source, h.Target); err != nil {
 		_ = n.Close()
 		return nil, err
 	}
@@ -107,11 +82,7 @@ func (h *Hosts) PlaceVIP(ctx context.Context) error {
 	if h.Client == nil {
 		return nil
 	}
-	_ = ipCmd(ctx, "-n", h.Target.NS, "addr", "del", h.VIP+"/32", "dev", "lo")
-	if err := ipCmd(ctx, "-n", h.Source.NS, "addr", "replace", h.VIP+"/32", "dev", "lo"); err != nil {
-		return err
-	}
-	return ipCmd(ctx, "-n", h.Client.NS, "route", "replace", h.VIP+"/32", "via", h.Source.Addr)
+	return topology.PlaceService(ctx, h.VIP, h.Client, h.Source, h.Target)
 }
 
 // Dial connects to addr from the client host (from here with two hosts).
@@ -127,14 +98,6 @@ func (h *Hosts) Dial(network, addr string) (net.Conn, error) {
 		return err
 	})
 	return c, err
-}
-
-func ipCmd(ctx context.Context, args ...string) error {
-	out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
-	}
-	return nil
 }
 
 // Close stops every process still running, newest first, then removes the

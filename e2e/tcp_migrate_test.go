@@ -31,36 +31,18 @@ import (
 // netSetup is the three-host topology with the server's address on the
 // source.
 type netSetup struct {
-	n                    *topology.Network
-	client, src, tgt     *topology.Host
-	vip                  string
-	srcScript, tgtScript string
-	scriptLog            string
+	n                *topology.Network
+	client, src, tgt *topology.Host
+	vip              string
+	srcScript        string
+	tgtScripts       []string
+	scriptLog        string
 }
 
-const moveScript = `#!/bin/sh
-# Moves the process's service address with it (PHAUL_ADDRESSES), and
-# points the client's route at the host that has it.
-echo "$PHAUL_SIDE $PHAUL_ACTION pid=$PHAUL_PID addrs=$PHAUL_ADDRESSES listeners=$PHAUL_LISTENERS" >> %[1]s
-set -e
-case "$PHAUL_SIDE/$PHAUL_ACTION" in
-source/post-dump)
-	for a in $PHAUL_ADDRESSES; do ip addr del $a/32 dev lo; done ;;
-source/rollback)
-	for a in $PHAUL_ADDRESSES; do
-		ip addr add $a/32 dev lo 2>/dev/null || true
-		ip -n %[2]s route replace $a/32 via %[3]s
-	done ;;
-target/network-lock)
-	for a in $PHAUL_ADDRESSES; do
-		ip addr add $a/32 dev lo
-		ip -n %[2]s route replace $a/32 via %[4]s
-	done ;;
-target/pre-resume)
-	if [ -e %[5]s ]; then echo "refusing: %[5]s exists" >&2; exit 7; fi ;;
-target/rollback)
-	for a in $PHAUL_ADDRESSES; do ip addr del $a/32 dev lo 2>/dev/null || true; done ;;
-esac
+// refuseScript makes the target's pre-resume point fail while its marker
+// file exists.
+const refuseScript = `#!/bin/sh
+if [ "$PHAUL_ACTION" = pre-resume ] && [ -e %[1]s ]; then echo "refusing: %[1]s exists" >&2; exit 7; fi
 `
 
 func newNetSetup(t *testing.T) *netSetup {
@@ -78,22 +60,19 @@ func newNetSetup(t *testing.T) *netSetup {
 		}
 	})
 	s := &netSetup{n: n, client: n.Host("client"), src: n.Host("source"), tgt: n.Host("target"), vip: n.FreeAddr()}
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
-		}
-	}
-	run("-n", s.src.NS, "addr", "add", s.vip+"/32", "dev", "lo")
-	run("-n", s.client.NS, "route", "add", s.vip+"/32", "via", s.src.Addr)
-	dir := t.TempDir()
-	s.scriptLog = filepath.Join(dir, "scripts.log")
-	script := filepath.Join(dir, "move.sh")
-	body := fmt.Sprintf(moveScript, s.scriptLog, s.client.NS, s.src.Addr, s.tgt.Addr, s.refuseMarker())
-	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
+	if err := topology.PlaceService(context.Background(), s.vip, s.client, s.src, s.tgt); err != nil {
 		t.Fatal(err)
 	}
-	s.srcScript, s.tgtScript = script, script
+	dir := t.TempDir()
+	s.scriptLog = filepath.Join(dir, "scripts.log")
+	move, refuse := filepath.Join(dir, "move.sh"), filepath.Join(dir, "refuse.sh")
+	if err := topology.WriteMoveScript(move, s.scriptLog, s.vip, s.client, s.src, s.tgt); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(refuse, []byte(fmt.Sprintf(refuseScript, s.refuseMarker())), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s.srcScript, s.tgtScripts = move, []string{move, refuse}
 	return s
 }
 
@@ -236,8 +215,11 @@ func (s *netSetup) startServer(t *testing.T, phaul string, port int, mem string)
 
 func (s *netSetup) startServe(t *testing.T, phaul string) string {
 	t.Helper()
-	log := background(t, s.tgt.CommandNewPIDNS(context.Background(), phaul, "serve", "--listen", s.tgt.Addr+":7070",
-		"--insecure", "--action-script", s.tgtScript, "-v"), "serve")
+	args := []string{"serve", "--listen", s.tgt.Addr + ":7070", "--insecure", "-v"}
+	for _, sc := range s.tgtScripts {
+		args = append(args, "--action-script", sc)
+	}
+	log := background(t, s.tgt.CommandNewPIDNS(context.Background(), phaul, args...), "serve")
 	waitLog(t, log, "time=", 0)
 	return log
 }
