@@ -56,7 +56,7 @@ func (ft *fileTable) inetSocket(pid, fd int, link string, f *imagepb.File) (hand
 		f.Kind, f.InetSocket = imagepb.FileKind_FILE_INET_SOCKET, s.st.ToProto()
 		return true, nil
 	}
-	sk, err := ft.socketCopy(pid, fd)
+	sk, err := socketCopy(pid, fd)
 	if err != nil {
 		return false, fmt.Errorf("descriptor %d of %d (%s): %w", fd, pid, link, err)
 	}
@@ -106,7 +106,7 @@ func socketDomain(f *os.File) (int, error) {
 }
 
 // socketCopy takes a copy of descriptor fd of pid with pidfd_getfd.
-func (ft *fileTable) socketCopy(pid, fd int) (*os.File, error) {
+func socketCopy(pid, fd int) (*os.File, error) {
 	sfd, err := sys.CopyFD(pid, fd)
 	if err != nil {
 		return nil, err
@@ -164,11 +164,10 @@ func Endpoints(pid int) ([]netsock.Endpoint, error) {
 		if err != nil || !isSocketLink(link) {
 			continue
 		}
-		sfd, err := sys.CopyFD(pid, fd)
+		sk, err := socketCopy(pid, fd)
 		if err != nil {
 			return nil, fmt.Errorf("descriptor %d of %d (%s): %w", fd, pid, link, err)
 		}
-		sk := os.NewFile(uintptr(sfd), link)
 		ep, err := netsock.Addrs(sk)
 		_ = sk.Close()
 		if err != nil {

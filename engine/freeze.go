@@ -224,10 +224,6 @@ func (f *Frozen) Kill() error {
 	})
 }
 
-// NetLocked reports whether the freeze locked the process's connections
-// (established ones were allowed and present).
-func (f *Frozen) NetLocked() bool { return f.netLock != nil }
-
 // Unlock removes the network lock after Kill. Kill keeps it so that, on
 // one host, the restore finds the connections' packets still held; after
 // a migration it is for the caller to remove once the connections'

@@ -257,15 +257,6 @@ func (s *Shadow) Resume() error {
 	return nil
 }
 
-// NetLocked reports whether the shadow holds a network lock: it restored
-// established connections, and the lock stays until Resume, or Unlock
-// after a Discard.
-func (s *Shadow) NetLocked() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.r.netLock != nil
-}
-
 // Unlock removes the network lock of a discarded shadow. Discard keeps it,
 // so that the peers of the connections it had restored get no RST while
 // the caller moves their address back (a rollback action script); Unlock

@@ -467,10 +467,8 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	if err := scripts.Run(cctx, actionscript.PostResume); err != nil {
 		m.log.Error("after the commit", "err", err)
 	}
-	if fz.NetLocked() {
-		if err := fz.Unlock(); err != nil {
-			m.log.Error("remove the network lock of the original", "err", err)
-		}
+	if err := fz.Unlock(); err != nil {
+		m.log.Error("remove the network lock of the original", "err", err)
 	}
 	if err := scripts.Run(cctx, actionscript.NetworkUnlock); err != nil {
 		m.log.Error("after the commit", "err", err)
