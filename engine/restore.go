@@ -69,7 +69,7 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	r := &restorer{
 		stdio: opt.Stdio, img: ip.State, files: cp.Files, entry: ip.Entry,
 		shellJob: cp.Inventory.GetShellJob(), xsave: cp.Inventory.GetXsaveFeatures(),
-		pid: int(ip.State.GetPid()), started: start,
+		pid: int(ip.State.GetPid()), started: start, shared: newSharedFiles(),
 		log: log.With("component", "restore", "pid", ip.State.GetPid()),
 	}
 	if err := r.precheck(); err != nil {
@@ -84,6 +84,7 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 
 	r.tr = ptrace.NewTracer()
 	defer r.tr.Close()
+	defer r.shared.close()
 	if err := r.run(ctx); err != nil {
 		r.abort()
 		r.closeSockets(true)
@@ -129,10 +130,10 @@ type restorer struct {
 	main          *ptrace.Injector
 	gadget        uint64
 	scratch       uint64
-	pipeEnds      map[uint64]uint64 // pipe id -> parked descriptor of its other end
-	nextHigh      uint64            // next free descriptor above the image's
-	sockets       []*os.File        // phaul's copies of the restored sockets (restore_socket.go)
-	netLock       *netlock.Lock     // held while connections are rebuilt (restore_socket.go)
+	shared        *sharedFiles    // objects the descriptors share (restore_shared.go)
+	sharedIDs     map[uint32]bool // files other processes of the image use too
+	sockets       []*os.File      // phaul's copies of the restored sockets (restore_socket.go)
+	netLock       *netlock.Lock   // held while connections are rebuilt (restore_socket.go)
 	pagesRestored uint64
 }
 

@@ -166,8 +166,6 @@ func (r *restorer) setFiles() error {
 		}
 	}
 	opened := map[uint32]int32{} // file id -> first descriptor restored for it
-	r.pipeEnds = map[uint64]uint64{}
-	r.nextHigh = uint64(base + 3)
 	for _, fd := range listenersFirst(r.img.Fds, files) {
 		f := files[fd.FileId]
 		if f == nil {
@@ -194,7 +192,15 @@ func (r *restorer) setFiles() error {
 			continue
 		}
 		opened[fd.FileId] = fd.Fd
-		tmp, err := r.openFile(f)
+		// An open file description another process of the image made
+		// first (inherited across fork), or this process makes for others.
+		key := sharedKey{sharedFile, uint64(fd.FileId)}
+		tmp, ok, err := r.fromShared(key)
+		if !ok && err == nil {
+			if tmp, err = r.openFile(f); err == nil && r.sharedIDs[fd.FileId] {
+				err = r.share(key, tmp)
+			}
+		}
 		if err != nil {
 			return fmt.Errorf("descriptor %d (%s): %w", fd.Fd, f.Path, err)
 		}
@@ -569,8 +575,15 @@ func (r *restorer) openEventfd(f *imagepb.File) (uint64, error) {
 func (r *restorer) openPipe(f *imagepb.File) (uint64, error) {
 	in := r.main
 	id := f.GetPipe().GetPipeId()
-	if fd, ok := r.pipeEnds[id]; ok {
-		delete(r.pipeEnds, id)
+	this, other := sharedKey{sharedPipeRead, id}, sharedKey{sharedPipeWrite, id}
+	if f.Flags&sys.O_ACCMODE != sys.O_RDONLY {
+		this, other = other, this
+	}
+	// The end made with the other one, in this process or another.
+	if fd, ok, err := r.fromShared(this); ok || err != nil {
+		if err != nil {
+			return 0, err
+		}
 		return fd, r.setFlags(fd, f.Flags)
 	}
 	if _, err := in.Syscall(sys.SYS_PIPE2, r.scratch, sys.O_CLOEXEC); err != nil {
@@ -591,20 +604,18 @@ func (r *restorer) openPipe(f *imagepb.File) (uint64, error) {
 			return 0, err
 		}
 	}
-	this, other := rfd, wfd
-	if f.Flags&sys.O_ACCMODE != sys.O_RDONLY {
-		this, other = wfd, rfd
+	mine, theirs := rfd, wfd
+	if this.kind == sharedPipeWrite {
+		mine, theirs = wfd, rfd
 	}
-	high := r.nextHigh
-	r.nextHigh++
-	if _, err := in.Syscall(sys.SYS_DUP3, other, high, sys.O_CLOEXEC); err != nil {
-		return 0, fmt.Errorf("park pipe end: %w", err)
-	}
-	if _, err := in.Syscall(sys.SYS_CLOSE, other); err != nil {
+	// The other end waits in phaul's pool for whoever has it.
+	if err := r.share(other, theirs); err != nil {
 		return 0, err
 	}
-	r.pipeEnds[id] = high
-	return this, r.setFlags(this, f.Flags)
+	if _, err := in.Syscall(sys.SYS_CLOSE, theirs); err != nil {
+		return 0, err
+	}
+	return mine, r.setFlags(mine, f.Flags)
 }
 
 // fillPipe writes data into the pipe whose write end is descriptor wfd of

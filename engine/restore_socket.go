@@ -10,7 +10,6 @@ import (
 	"github.com/phaul/phaul/netsock"
 	"github.com/phaul/phaul/protocol/imagepb"
 
-	"github.com/phaul/phaul/internal/sys"
 )
 
 // Restore of IPv4 and IPv6 sockets: netsock.Restore builds the socket in
@@ -25,7 +24,6 @@ import (
 //
 // Precondition: called on the Tracer thread.
 func (r *restorer) openInetSocket(f *imagepb.File) (uint64, error) {
-	in := r.main
 	st, err := netsock.FromProto(f.GetInetSocket())
 	if err != nil {
 		return 0, fmt.Errorf("%w: %w", ErrBadImage, err)
@@ -44,16 +42,9 @@ func (r *restorer) openInetSocket(f *imagepb.File) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	pidfd, err := in.Syscall(sys.SYS_PIDFD_OPEN, uint64(os.Getpid()), 0)
+	fd, err := r.install(ourFD)
 	if err != nil {
-		return 0, fmt.Errorf("pidfd_open(phaul): %w", err)
-	}
-	fd, err := in.Syscall(sys.SYS_PIDFD_GETFD, pidfd, uint64(ourFD), 0)
-	if _, cerr := in.Syscall(sys.SYS_CLOSE, pidfd); err == nil && cerr != nil {
-		err = cerr
-	}
-	if err != nil {
-		return 0, fmt.Errorf("pidfd_getfd(%v): %w", st, err)
+		return 0, fmt.Errorf("%v: %w", st, err)
 	}
 	// pidfd_getfd gives a close-on-exec descriptor; the file flags are the
 	// open file description's, shared with phaul's copy, and set here in

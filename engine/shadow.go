@@ -65,7 +65,7 @@ func NewShadow(ctx context.Context, opt ShadowOptions) (*Shadow, error) {
 	r := &restorer{
 		stdio: opt.Stdio, xsave: opt.XsaveFeatures, pid: opt.Pid,
 		log: log.With("component", "shadow", "pid", opt.Pid),
-		tr:  ptrace.NewTracer(),
+		tr:  ptrace.NewTracer(), shared: newSharedFiles(),
 	}
 	if err := r.start(opt.Vmas); err != nil {
 		r.abort()
@@ -221,6 +221,7 @@ func (s *Shadow) Ready(ctx context.Context, st State) (*RestoreResult, error) {
 			if err := r.relayout(st.Process.Vmas); err != nil {
 				return err
 			}
+			defer r.shared.close()
 			return r.prepare()
 		})
 	}
@@ -285,6 +286,7 @@ func (s *Shadow) Discard() {
 func (s *Shadow) discardLocked() {
 	s.r.abort()
 	s.r.closeSockets(true)
+	_ = s.r.tr.Do(func() error { s.r.shared.close(); return nil })
 	s.r.tr.Close()
 	s.done = true
 }
