@@ -68,8 +68,9 @@ func findMapping(maps []proc.Mapping, name string) *proc.Mapping {
 }
 
 // checkProcess refuses, before anything is frozen, what phaul cannot
-// checkpoint about pid as a whole.
-func checkProcess(pid int) (*proc.Status, error) {
+// checkpoint about pid as a whole; children too, unless inTree (the
+// caller takes them along).
+func checkProcess(pid int, inTree bool) (*proc.Status, error) {
 	st, err := proc.ReadStatus(pid, 0)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -89,23 +90,42 @@ func checkProcess(pid int) (*proc.Status, error) {
 	if len(st.NSpid) > 1 {
 		return nil, unsupported("process %d lives in a nested PID namespace (PIDs %v)", pid, st.NSpid)
 	}
-	tids, err := ptrace.ListThreads(pid)
-	if err != nil {
-		return nil, err
-	}
-	for _, tid := range tids {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, tid))
+	if !inTree {
+		kids, err := children(pid)
 		if err != nil {
-			continue // the thread exited
+			return nil, err
 		}
-		if kids := strings.Fields(string(b)); len(kids) > 0 {
-			return nil, unsupported("process %d has child processes (%s): dumping process trees", pid, strings.Join(kids, ", "))
+		if len(kids) > 0 {
+			return nil, unsupported("process %d has child processes (%v); phaul dump takes process trees, a live migration does not yet", pid, kids)
 		}
 	}
 	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/timers", pid)); err == nil && len(strings.TrimSpace(string(b))) > 0 {
 		return nil, unsupported("process %d has POSIX timers (timer_create)", pid)
 	}
 	return st, nil
+}
+
+// children returns the child processes of pid, of all its threads.
+func children(pid int) ([]int, error) {
+	tids, err := ptrace.ListThreads(pid)
+	if err != nil {
+		return nil, err
+	}
+	var kids []int
+	for _, tid := range tids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, tid))
+		if err != nil {
+			continue // the thread exited
+		}
+		for _, f := range strings.Fields(string(b)) {
+			kid, err := strconv.Atoi(f)
+			if err != nil {
+				return nil, fmt.Errorf("children of %d: %q", pid, f)
+			}
+			kids = append(kids, kid)
+		}
+	}
+	return kids, nil
 }
 
 // process collects everything but memory contents and descriptors.

@@ -42,8 +42,10 @@ type DumpOptions struct {
 
 // DumpResult reports what a dump did.
 type DumpResult struct {
-	Pid          int           `json:"pid"`
-	Threads      int           `json:"threads"`
+	Pid     int `json:"pid"`
+	Threads int `json:"threads"`
+	// Processes counts the processes of the tree, zombies included.
+	Processes    int           `json:"processes"`
 	PagesScanned uint64        `json:"pages_scanned"`
 	PagesWritten uint64        `json:"pages_written"`
 	PagesZero    uint64        `json:"pages_zero"`
@@ -72,7 +74,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	if opt.Pid <= 0 {
 		return nil, fmt.Errorf("dump: invalid PID %d", opt.Pid)
 	}
-	if _, err := checkProcess(opt.Pid); err != nil {
+	if _, err := checkProcess(opt.Pid, true); err != nil {
 		return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
 	}
 	if err := os.MkdirAll(opt.Dir, 0o700); err != nil {
@@ -108,42 +110,49 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 			return nil
 		}
 	}
-	fz, err := Freeze(ctx, fopt)
+	fopt.Logger = log
+	tree, err := freezeTree(ctx, fopt)
 	if err != nil {
 		return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
 	}
-	frozenAt := fz.At
-	p, files := fz.State.Process, fz.State.Files
-	// From here on, every failure resumes the process.
+	root := tree.procs[0]
+	frozenAt := root.At
+	// From here on, every failure resumes the tree.
 	resume := func(cause error) error {
-		if rerr := fz.Resume(); rerr != nil {
+		if rerr := tree.resume(); rerr != nil {
 			return fmt.Errorf("dump %d: %w (and resuming it failed: %v)", opt.Pid, cause, rerr)
 		}
 		log.Info("dump failed; process resumed", "err", cause)
 		return fmt.Errorf("dump %d: %w (the process was resumed)", opt.Pid, cause)
 	}
+	log.Debug("state collected", "processes", len(tree.entries), "since_freeze", time.Since(frozenAt))
 
-	// Memory, read while the process stays frozen.
+	// Memory, read while the tree stays frozen.
 	d := image.Dir{Path: opt.Dir}
-	w, err := d.NewPageWriter(opt.Pid)
-	if err != nil {
-		return nil, resume(err)
+	var ms memStats
+	threads := 0
+	for i, fz := range tree.procs {
+		w, err := d.NewPageWriter(fz.Pid)
+		if err != nil {
+			return nil, resume(err)
+		}
+		var fromParent func(addr uint64) bool
+		if i == 0 && inParent != nil {
+			fromParent = inParent.Contains
+		}
+		one, err := dumpMemory(fz.Pid, fz.State.Process.Vmas, w, fromParent)
+		if err == nil {
+			err = w.Close()
+		} else {
+			_ = w.Close()
+		}
+		if err != nil {
+			return nil, resume(fmt.Errorf("memory of %d: %w", fz.Pid, err))
+		}
+		ms.add(one)
+		threads += len(fz.State.Process.Threads)
 	}
-	log.Debug("descriptors collected", "fds", len(p.Fds), "since_freeze", time.Since(frozenAt))
-	var fromParent func(addr uint64) bool
-	if inParent != nil {
-		fromParent = inParent.Contains
-	}
-	ms, err := dumpMemory(opt.Pid, p.Vmas, w, fromParent)
 	log.Debug("memory written", "pages", ms.written, "zero", ms.zero, "since_freeze", time.Since(frozenAt))
-	if err == nil {
-		err = w.Close()
-	} else {
-		_ = w.Close()
-	}
-	if err != nil {
-		return nil, resume(err)
-	}
 	if err := ctx.Err(); err != nil {
 		return nil, resume(err)
 	}
@@ -154,8 +163,8 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		PageSize:        pageSize,
 		CreatedUnixNano: time.Now().UnixNano(),
 		RootPid:         int32(opt.Pid),
-		Processes:       []*imagepb.ProcessEntry{fz.State.Entry},
-		XsaveFeatures:   fz.XsaveFeatures,
+		Processes:       tree.entries,
+		XsaveFeatures:   root.XsaveFeatures,
 		ShellJob:        opt.ShellJob,
 		Tracker:         backend,
 	}
@@ -163,7 +172,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		inv.Parent = par.rel
 	}
 	res := &DumpResult{
-		Pid: opt.Pid, Threads: len(p.Threads),
+		Pid: opt.Pid, Threads: threads, Processes: len(tree.entries),
 		PagesScanned: ms.scanned, PagesWritten: ms.written, PagesZero: ms.zero,
 		BytesWritten: ms.written * pageSize, PagesInParent: ms.parent, Tracker: backend,
 	}
@@ -174,7 +183,11 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	}
 	// Every image is on disk before the process may die; the inventory
 	// goes last: a directory without one is not an image.
-	if err := errors.Join(d.WriteProcess(p), d.WriteFiles(files)); err != nil {
+	errs := []error{d.WriteFiles(&tree.files.table)}
+	for _, fz := range tree.procs {
+		errs = append(errs, d.WriteProcess(fz.State.Process))
+	}
+	if err := errors.Join(errs...); err != nil {
 		return nil, resume(err)
 	}
 	if err := d.WriteInventory(inv); err != nil {
@@ -186,9 +199,9 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	// teardown of a killed process's memory is not a pause anyone sees.
 	res.Frozen = time.Since(frozenAt)
 	if opt.LeaveRunning {
-		err = fz.Resume()
+		err = tree.resume()
 	} else {
-		err = fz.Kill()
+		err = tree.kill()
 		res.Killed = true
 	}
 	res.Duration = time.Since(start)

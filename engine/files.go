@@ -24,42 +24,65 @@ var safeCharDevs = map[string]bool{
 // oCloexec is O_CLOEXEC as fdinfo's flags field reports it.
 const oCloexec = 0o2000000
 
-// fileTable collects the open descriptors of a process.
+// fileTable collects the open descriptors of a process, or of every
+// process of a tree: one table, so that a description shared between
+// processes is one file of it.
 type fileTable struct {
 	shellJob bool
-	// skip is a descriptor of phaul's own in the process (the tracker's
-	// userfaultfd), left out of the table; -1 for none.
-	skip  int
-	table imagepb.FileTable
+	table    imagepb.FileTable
 	// tcpEstablished allows established TCP connections (files_socket.go).
 	tcpEstablished bool
 	// sockets are phaul's copies of the dumped sockets, by inode too.
 	sockets       []*dumpedSocket
 	socketByInode map[uint64]*dumpedSocket
 	// lock holds the packets of the process's connections; lockDone is
-	// set once it was considered.
+	// set once it was considered. pids are the processes whose sockets
+	// it covers (the tree; nil: the process being described), lockPid
+	// the one that names it.
 	lock     *netlock.Lock
 	lockDone bool
+	pids     []int
+	lockPid  int
+	// described are the descriptors described so far, with their
+	// process; seen indexes them by identity (dumpFDs).
+	described []procFD
+	seen      map[fileIdent][]procFD
 }
 
-// dumpFDs describes every descriptor of pid, refusing the kinds phaul cannot
-// restore yet with an error naming the descriptor.
-func (ft *fileTable) dumpFDs(pid int) ([]*imagepb.FD, error) {
+// procFD is a descriptor of one process of the table.
+type procFD struct {
+	pid int
+	fd  *imagepb.FD
+}
+
+// fileIdent is what two descriptors of one open file description have in
+// common; kcmp tells whether they share it.
+type fileIdent struct {
+	kind       imagepb.FileKind
+	dev, inode uint64
+}
+
+// newFileTable returns the table a freeze with opt fills.
+func newFileTable(opt FreezeOptions) *fileTable {
+	return &fileTable{shellJob: opt.ShellJob, tcpEstablished: opt.TCPEstablished, lockPid: opt.Pid,
+		seen: map[fileIdent][]procFD{}}
+}
+
+// dumpFDs describes every descriptor of pid but skip (phaul's own in the
+// process, -1 for none), refusing the kinds phaul cannot restore yet with
+// an error naming the descriptor.
+func (ft *fileTable) dumpFDs(pid, skip int) ([]*imagepb.FD, error) {
 	fds, err := proc.ListFDs(pid)
 	if err != nil {
 		return nil, err
 	}
 	var out []*imagepb.FD
-	// Descriptors that share one open file description (dup, or inherited
-	// like `2>&1`) must share it again after restore: same offset, same
-	// flags. kcmp tells; candidates are the files with the same identity.
-	type ident struct {
-		kind       imagepb.FileKind
-		dev, inode uint64
-	}
-	seen := map[ident][]*imagepb.FD{}
+	// Descriptors that share one open file description (dup, inherited
+	// across fork like `2>&1`, in this process or another of the tree)
+	// must share it again after restore: same offset, same flags. kcmp
+	// tells; candidates are the files with the same identity.
 	for _, fd := range fds {
-		if fd == ft.skip {
+		if fd == skip {
 			continue
 		}
 		f, cloexec, err := ft.describe(pid, fd)
@@ -67,14 +90,14 @@ func (ft *fileTable) dumpFDs(pid int) ([]*imagepb.FD, error) {
 			return nil, err
 		}
 		d := &imagepb.FD{Fd: int32(fd), Cloexec: cloexec}
-		key := ident{f.Kind, f.Dev, f.Inode}
-		for _, other := range seen[key] {
-			same, err := sys.Kcmp(pid, pid, sys.KCMP_FILE, uint64(other.Fd), uint64(fd))
+		key := fileIdent{f.Kind, f.Dev, f.Inode}
+		for _, other := range ft.seen[key] {
+			same, err := sys.Kcmp(pid, other.pid, sys.KCMP_FILE, uint64(fd), uint64(other.fd.Fd))
 			if err != nil {
-				return nil, fmt.Errorf("compare descriptors %d and %d of %d: %w", other.Fd, fd, pid, err)
+				return nil, fmt.Errorf("compare descriptor %d of %d with %d of %d: %w", fd, pid, other.fd.Fd, other.pid, err)
 			}
 			if same == 0 {
-				d.FileId = other.FileId
+				d.FileId = other.fd.FileId
 				break
 			}
 		}
@@ -83,29 +106,35 @@ func (ft *fileTable) dumpFDs(pid int) ([]*imagepb.FD, error) {
 			ft.table.Files = append(ft.table.Files, f)
 			d.FileId = f.Id
 		}
-		seen[key] = append(seen[key], d)
+		ref := procFD{pid, d}
+		ft.seen[key] = append(ft.seen[key], ref)
+		ft.described = append(ft.described, ref)
 		out = append(out, d)
-	}
-	if err := ft.pipeData(pid, out); err != nil {
-		return nil, err
 	}
 	return out, nil
 }
 
-// pipeData checks that both ends of every pipe are in the process and saves
+// finish checks, once every descriptor of every process was described,
+// what spans descriptors: both ends of each pipe are in the table (and
+// the bytes queued in it are saved).
+func (ft *fileTable) finish() error {
+	return ft.pipeData()
+}
+
+// pipeData checks that both ends of every pipe are in the table and saves
 // the bytes queued in each pipe with its read end. The bytes are peeked
 // with tee(2) from a copy of the read end taken with pidfd_getfd, so the
 // process's pipe keeps them.
-func (ft *fileTable) pipeData(pid int, fds []*imagepb.FD) error {
+func (ft *fileTable) pipeData() error {
 	type ends struct {
 		read, write *imagepb.File
-		readFd      int32
-		writeFd     int32
+		readFd      procFD
+		writeFd     procFD
 	}
 	pipes := map[uint64]*ends{}
 	var order []uint64
-	for _, d := range fds {
-		f := ft.table.Files[d.FileId-1]
+	for _, d := range ft.described {
+		f := ft.table.Files[d.fd.FileId-1]
 		if f.Kind != imagepb.FileKind_FILE_PIPE {
 			continue
 		}
@@ -116,30 +145,22 @@ func (ft *fileTable) pipeData(pid int, fds []*imagepb.FD) error {
 			order = append(order, f.Pipe.PipeId)
 		}
 		if f.Flags&sys.O_ACCMODE == sys.O_RDONLY {
-			e.read, e.readFd = f, d.Fd
+			e.read, e.readFd = f, d
 		} else {
-			e.write, e.writeFd = f, d.Fd
+			e.write, e.writeFd = f, d
 		}
 	}
-	if len(order) == 0 {
-		return nil
-	}
-	pidfd, err := sys.PidfdOpen(pid)
-	if err != nil {
-		return err
-	}
-	defer sys.Close(pidfd)
 	for _, id := range order {
 		e := pipes[id]
 		switch {
 		case e.read == nil:
-			return unsupported("descriptor %d is the write end of pipe:[%d], whose read end is in another process (pipes between processes)", e.writeFd, id)
+			return unsupported("descriptor %d of %d is the write end of pipe:[%d], whose read end is outside (pipes to processes not dumped)", e.writeFd.fd.Fd, e.writeFd.pid, id)
 		case e.write == nil:
-			return unsupported("descriptor %d is the read end of pipe:[%d], whose write end is in another process (pipes between processes)", e.readFd, id)
+			return unsupported("descriptor %d of %d is the read end of pipe:[%d], whose write end is outside (pipes to processes not dumped)", e.readFd.fd.Fd, e.readFd.pid, id)
 		}
-		data, capacity, err := peekPipe(pidfd, int(e.readFd))
+		data, capacity, err := peekPipe(e.readFd.pid, int(e.readFd.fd.Fd))
 		if err != nil {
-			return fmt.Errorf("data queued in pipe:[%d] (descriptor %d): %w", id, e.readFd, err)
+			return fmt.Errorf("data queued in pipe:[%d] (descriptor %d of %d): %w", id, e.readFd.fd.Fd, e.readFd.pid, err)
 		}
 		e.read.Pipe.Data, e.read.Pipe.Capacity = data, int64(capacity)
 		e.write.Pipe.Capacity = int64(capacity)
@@ -147,10 +168,10 @@ func (ft *fileTable) pipeData(pid int, fds []*imagepb.FD) error {
 	return nil
 }
 
-// peekPipe returns the bytes queued in the pipe behind descriptor fd of the
-// process behind pidfd, without consuming them, and the pipe's capacity.
-func peekPipe(pidfd, fd int) ([]byte, int, error) {
-	src, err := sys.PidfdGetfd(pidfd, fd)
+// peekPipe returns the bytes queued in the pipe behind descriptor fd of
+// process pid, without consuming them, and the pipe's capacity.
+func peekPipe(pid, fd int) ([]byte, int, error) {
+	src, err := sys.CopyFD(pid, fd)
 	if err != nil {
 		return nil, 0, err
 	}

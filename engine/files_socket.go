@@ -126,9 +126,17 @@ func (ft *fileTable) lockNet(pid int) error {
 		return nil
 	}
 	ft.lockDone = true
-	eps, err := Endpoints(pid)
-	if err != nil {
-		return err
+	pids := ft.pids
+	if pids == nil {
+		pids = []int{pid}
+	}
+	var eps []netsock.Endpoint
+	for _, p := range pids {
+		more, err := Endpoints(p)
+		if err != nil {
+			return err
+		}
+		eps = append(eps, more...)
 	}
 	established := false
 	for _, ep := range eps {
@@ -142,7 +150,7 @@ func (ft *fileTable) lockNet(pid int) error {
 		return fmt.Errorf("network namespace of %d: %w", pid, err)
 	}
 	defer ns.Close()
-	l, err := netlock.New(ns, dumpLockID(pid), netsock.LockSet(eps))
+	l, err := netlock.New(ns, dumpLockID(ft.lockPid), netsock.LockSet(eps))
 	if err != nil {
 		return fmt.Errorf("lock the connections of %d: %w", pid, err)
 	}

@@ -63,38 +63,82 @@ type Frozen struct {
 }
 
 // Freeze stops every thread of a process and collects its state except
-// memory contents. On error the process runs again as before.
+// memory contents. On error the process runs again as before. A process
+// with children is refused (Dump takes trees: tree.go).
 func Freeze(ctx context.Context, opt FreezeOptions) (*Frozen, error) {
-	log := opt.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	if opt.Logger == nil {
+		opt.Logger = slog.New(slog.DiscardHandler)
 	}
 	if opt.Pid <= 0 {
 		return nil, fmt.Errorf("freeze: invalid PID %d", opt.Pid)
 	}
-	status, err := checkProcess(opt.Pid)
+	status, err := checkProcess(opt.Pid, false)
 	if err != nil {
 		return nil, fmt.Errorf("freeze %d: %w", opt.Pid, err)
 	}
-	fz := &Frozen{Pid: opt.Pid, tr: ptrace.NewTracer(), c: &collector{pid: opt.Pid, status: status}}
-	c := fz.c
-	var p *imagepb.Process
+	fz := newFrozen(opt.Pid, status)
+	ft := newFileTable(opt)
 	t0 := time.Now()
-	var timing []any
-	err = fz.tr.Do(func() error {
-		f, err := ptrace.Freeze(opt.Pid)
+	err = fz.stop()
+	timing := []any{"stop", fz.At.Sub(t0)}
+	if err == nil {
+		var more []any
+		more, err = fz.collect(ctx, opt)
+		timing = append(timing, more...)
+	}
+	if err == nil {
+		t1 := time.Now()
+		err = fz.collectFDs(ft)
+		if err == nil {
+			err = ft.finish()
+		}
+		timing = append(timing, "fds", time.Since(t1))
+	}
+	fz.sockets, fz.netLock = ft.sockets, ft.lock // Resume gives them back
+	if err != nil {
+		if rerr := fz.Resume(); rerr != nil {
+			return nil, fmt.Errorf("freeze %d: %w (and resuming it failed: %v)", opt.Pid, err, rerr)
+		}
+		return nil, fmt.Errorf("freeze %d: %w", opt.Pid, err)
+	}
+	opt.Logger.Debug("frozen and collected", append([]any{"threads", len(fz.c.frozen.Tids), "vmas", len(fz.c.maps), "since_freeze", time.Since(fz.At)}, timing...)...)
+	fz.State.Files = &ft.table
+	return fz, nil
+}
+
+// newFrozen prepares the freeze of process pid, whose status was checked.
+func newFrozen(pid int, status *proc.Status) *Frozen {
+	return &Frozen{Pid: pid, tr: ptrace.NewTracer(), c: &collector{pid: pid, status: status}}
+}
+
+// stop stops every thread of the process.
+func (fz *Frozen) stop() error {
+	return fz.tr.Do(func() error {
+		f, err := ptrace.Freeze(fz.Pid)
 		if err != nil {
 			return err
 		}
 		fz.At = time.Now()
-		timing = append(timing, "stop", fz.At.Sub(t0))
-		c.frozen = f
+		fz.c.frozen = f
+		return nil
+	})
+}
+
+// collect collects the stopped process's state but descriptors and memory
+// contents into fz.State, running opt.LastRound on the way; it returns
+// the time each step took, for the log.
+func (fz *Frozen) collect(ctx context.Context, opt FreezeOptions) ([]any, error) {
+	c := fz.c
+	var timing []any
+	err := fz.tr.Do(func() error {
+		f := c.frozen
 		// Tracking is resumed before mappings and descriptors are
 		// collected: it registers mappings and keeps a descriptor.
 		var t tracker.Tracker
 		if opt.TrackerDir != "" {
 			t1 := time.Now()
-			if t, err = resumeTracking(ctx, f, opt, log); err != nil {
+			var err error
+			if t, err = resumeTracking(ctx, f, opt, opt.Logger); err != nil {
 				return err
 			}
 			timing = append(timing, "tracker_resume", time.Since(t1))
@@ -124,47 +168,44 @@ func Freeze(ctx context.Context, opt FreezeOptions) (*Frozen, error) {
 			timing = append(timing, "tracker_stop", time.Since(t1))
 		}
 		t1 = time.Now()
-		if c.stat, err = proc.ReadStat(opt.Pid); err != nil {
+		var err error
+		if c.stat, err = proc.ReadStat(fz.Pid); err != nil {
 			return err
 		}
 		if v := findMapping(c.maps, "[vdso]"); v != nil {
-			if c.gadget, err = ptrace.FindGadget(opt.Pid, v.Start, v.End); err != nil {
+			if c.gadget, err = ptrace.FindGadget(fz.Pid, v.Start, v.End); err != nil {
 				return err
 			}
 		}
-		p, err = c.process()
+		p, err := c.process()
 		timing = append(timing, "threads", time.Since(t1))
-		return err
+		if err != nil {
+			return err
+		}
+		fz.State = State{
+			Process: p,
+			Entry: &imagepb.ProcessEntry{Pid: int32(fz.Pid), Ppid: int32(c.stat.Ppid),
+				Pgid: int32(c.stat.Pgrp), Sid: int32(c.stat.Session)},
+			ShellJob: opt.ShellJob,
+		}
+		return nil
 	})
 	if err == nil {
 		err = ctx.Err()
 	}
-	ft := &fileTable{shellJob: opt.ShellJob, skip: -1, tcpEstablished: opt.TCPEstablished}
-	if fz.tracker != nil {
-		ft.skip = fz.tracker.ProcessFD()
-	}
-	if err == nil {
-		t1 := time.Now()
-		p.Fds, err = ft.dumpFDs(opt.Pid)
-		fz.sockets, fz.netLock = ft.sockets, ft.lock // Resume gives them back
-		timing = append(timing, "fds", time.Since(t1))
-	}
-	if err != nil {
-		if rerr := fz.Resume(); rerr != nil {
-			return nil, fmt.Errorf("freeze %d: %w (and resuming it failed: %v)", opt.Pid, err, rerr)
-		}
-		return nil, fmt.Errorf("freeze %d: %w", opt.Pid, err)
-	}
-	log.Debug("frozen and collected", append([]any{"threads", len(c.frozen.Tids), "vmas", len(c.maps), "since_freeze", time.Since(fz.At)}, timing...)...)
-	fz.State = State{
-		Process: p,
-		Files:   &ft.table,
-		Entry: &imagepb.ProcessEntry{Pid: int32(opt.Pid), Ppid: int32(c.stat.Ppid),
-			Pgid: int32(c.stat.Pgrp), Sid: int32(c.stat.Session)},
-		ShellJob: opt.ShellJob,
-	}
 	fz.XsaveFeatures = hostinfo.XCR0()
-	return fz, nil
+	return timing, err
+}
+
+// collectFDs describes the process's descriptors into ft.
+func (fz *Frozen) collectFDs(ft *fileTable) error {
+	skip := -1
+	if fz.tracker != nil {
+		skip = fz.tracker.ProcessFD()
+	}
+	var err error
+	fz.State.Process.Fds, err = ft.dumpFDs(fz.Pid, skip)
+	return err
 }
 
 // resumeTracking takes up the tracking parked in opt.TrackerDir on the

@@ -20,6 +20,14 @@ type memStats struct {
 	scanned, written, zero, parent uint64
 }
 
+// add counts o too.
+func (m *memStats) add(o memStats) {
+	m.scanned += o.scanned
+	m.written += o.written
+	m.zero += o.zero
+	m.parent += o.parent
+}
+
 // savedPages returns the runs of pages of v whose contents belong in the
 // image, judged from the pagemap: present or swapped pages of anonymous
 // memory, and of private file mappings only the copied-on-write ones.

@@ -91,7 +91,7 @@ func PreDump(ctx context.Context, opt PreDumpOptions) (*PreDumpResult, error) {
 	if opt.Dir == "" && !opt.StopTracking {
 		return nil, fmt.Errorf("pre-dump %d: no image directory", opt.Pid)
 	}
-	if _, err := checkProcess(opt.Pid); err != nil {
+	if _, err := checkProcess(opt.Pid, false); err != nil {
 		return nil, fmt.Errorf("pre-dump %d: %w", opt.Pid, err)
 	}
 	ctl := &timedControl{inner: tracker.FreezeControl(opt.Pid)}

@@ -37,20 +37,18 @@ type RestoreOptions struct {
 // RestoreResult reports what a restore did.
 type RestoreResult struct {
 	Pid           int           `json:"pid"`
+	Processes     int           `json:"processes"`
 	Threads       int           `json:"threads"`
 	PagesRestored uint64        `json:"pages_restored"`
 	Duration      time.Duration `json:"-"`
 	DurationMS    float64       `json:"duration_ms"`
 }
 
-// Restore recreates the process of an image directory, with its PID and
-// TIDs, and lets it run. The restored process is a child of the calling
-// process, which must reap it. On error nothing of it is left running.
+// Restore recreates the processes of an image directory, with their PIDs
+// and TIDs, parent links, sessions and process groups (restore_tree.go),
+// and lets them run. The root process is a child of the calling process,
+// which must reap it. On error nothing of them is left running.
 func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
-	log := opt.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
 	start := time.Now()
 	cp, err := image.Load(opt.Dir)
 	if err != nil {
@@ -62,46 +60,45 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	if cp.Inventory.GetShellJob() && !opt.ShellJob {
 		return nil, fmt.Errorf("restore %s: %w: the image was dumped with --shell-job; restore it with --shell-job", opt.Dir, ErrBadImage)
 	}
-	if len(cp.Processes) != 1 {
-		return nil, unsupported("restore %s: image holds %d processes; restoring process trees", opt.Dir, len(cp.Processes))
-	}
-	ip := cp.Processes[0]
-	r := &restorer{
-		stdio: opt.Stdio, img: ip.State, files: cp.Files, entry: ip.Entry,
-		shellJob: cp.Inventory.GetShellJob(), xsave: cp.Inventory.GetXsaveFeatures(),
-		pid: int(ip.State.GetPid()), started: start, shared: newSharedFiles(),
-		log: log.With("component", "restore", "pid", ip.State.GetPid()),
-	}
-	if err := r.precheck(); err != nil {
-		return nil, fmt.Errorf("restore %d: %w", r.pid, err)
-	}
-	chain, err := image.OpenChain(opt.Dir, r.pid)
+	t, err := newTreeRestore(cp, opt, start)
 	if err != nil {
-		return nil, fmt.Errorf("restore %d: %w", r.pid, err)
+		return nil, fmt.Errorf("restore %s: %w", opt.Dir, err)
 	}
-	defer chain.Close()
-	r.chain = chain
-
-	r.tr = ptrace.NewTracer()
-	defer r.tr.Close()
-	defer r.shared.close()
-	if err := r.run(ctx); err != nil {
-		r.abort()
-		r.closeSockets(true)
+	defer t.tr.Close()
+	root := t.procs[0]
+	if err := t.precheck(); err != nil {
+		return nil, fmt.Errorf("restore %d: %w", root.pid, err)
+	}
+	for _, r := range t.procs {
+		if r.chain, err = image.OpenChain(opt.Dir, r.pid); err != nil {
+			return nil, fmt.Errorf("restore %d: %w", root.pid, err)
+		}
+		defer r.chain.Close()
+	}
+	defer t.tr.Do(func() error { t.shared.close(); return nil })
+	if err := t.run(ctx); err != nil {
+		t.abort()
+		for _, r := range t.procs {
+			r.closeSockets(true)
+		}
 		// The connections are gone: nothing left to hold for. A dump's
 		// lock on this host stays, for another try.
-		if uerr := r.unlockNet(false); uerr != nil {
-			r.log.Warn("remove the restore's network lock", "err", uerr)
+		if uerr := root.unlockNet(false); uerr != nil {
+			root.log.Warn("remove the restore's network lock", "err", uerr)
 		}
-		return nil, fmt.Errorf("restore %d: %w", r.pid, err)
+		return nil, fmt.Errorf("restore %d: %w", root.pid, err)
 	}
-	r.closeSockets(false)
-	if err := r.unlockNet(true); err != nil {
-		r.log.Warn("restored, but the network lock stays", "err", err)
+	res := &RestoreResult{Pid: root.pid, Processes: len(t.entries), Duration: time.Since(start)}
+	for _, r := range t.procs {
+		r.closeSockets(false)
+		res.Threads += len(r.img.Threads)
+		res.PagesRestored += r.pagesRestored
 	}
-	res := &RestoreResult{Pid: r.pid, Threads: len(r.img.Threads), PagesRestored: r.pagesRestored, Duration: time.Since(start)}
+	if err := root.unlockNet(true); err != nil {
+		root.log.Warn("restored, but the network lock stays", "err", err)
+	}
 	res.DurationMS = float64(res.Duration.Microseconds()) / 1000
-	r.log.Info("restored", "took", res.Duration)
+	root.log.Info("restored", "processes", res.Processes, "took", res.Duration)
 	return res, nil
 }
 
@@ -135,6 +132,11 @@ type restorer struct {
 	sockets       []*os.File      // phaul's copies of the restored sockets (restore_socket.go)
 	netLock       *netlock.Lock   // held while connections are rebuilt (restore_socket.go)
 	pagesRestored uint64
+	// ownsNetLock: this process takes the restore's network lock (the
+	// root of a tree does, for all); idsSet: its session and process
+	// group were set when it was created (restore_tree.go).
+	ownsNetLock bool
+	idsSet      bool
 }
 
 // precheck refuses early what would make the restore fail half-way.
@@ -191,21 +193,6 @@ func (r *restorer) abort() {
 		}
 		return nil
 	})
-}
-
-func (r *restorer) run(ctx context.Context) error {
-	if err := r.start(r.img.Vmas); err != nil {
-		return err
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	r.log.Debug("layout done", "since_start", time.Since(r.started))
-	if err := r.writePages(ctx); err != nil {
-		return err
-	}
-	r.log.Debug("pages written", "pages", r.pagesRestored, "since_start", time.Since(r.started))
-	return r.tr.Do(r.finish)
 }
 
 // start creates the process with the restorer's PID and gives it the
@@ -266,39 +253,10 @@ func (r *restorer) fork() error {
 	if err != nil {
 		return err
 	}
-	tid := make([]byte, 4)
-	binary.LittleEndian.PutUint32(tid, uint32(r.pid))
-	if err := errors.Join(in.WriteMemory(scratch+256, tid),
-		in.WriteMemory(scratch, cloneArgs(sys.CLONE_PARENT, 0, scratch+256))); err != nil {
+	if err := spawn(in, scratch, r.pid, sys.CLONE_PARENT, 0); err != nil {
 		return err
 	}
-	got, err := in.Syscall(sys.SYS_CLONE3, scratch, 88)
-	if err != nil {
-		if errors.Is(err, sys.EEXIST) {
-			return pidFree(r.pid)
-		}
-		return fmt.Errorf("clone3 with PID %d: %w", r.pid, err)
-	}
-	if int(got) != r.pid {
-		return fmt.Errorf("clone3 gave PID %d, asked for %d", got, r.pid)
-	}
 	r.created = append(r.created, r.pid)
-	// The child starts in a ptrace stop (auto-attached through the fork).
-	for {
-		st, err := ptrace.Wait(r.pid)
-		if err != nil {
-			return err
-		}
-		if st.Exited() {
-			return fmt.Errorf("new process %d died: %s", r.pid, st)
-		}
-		if st.IsEventStop() {
-			break
-		}
-		if err := sys.PtraceCont(r.pid, 0); err != nil {
-			return err
-		}
-	}
 	// The stub's work is done.
 	_ = sys.Kill(s.Pid, sys.SIGKILL)
 	ptrace.ReapThreads([]int{s.Pid})

@@ -17,17 +17,6 @@ import (
 	"github.com/phaul/phaul/protocol/imagepb"
 )
 
-// finish restores everything but memory contents, creates the other
-// threads, and lets the process run.
-//
-// Precondition: called on the Tracer thread.
-func (r *restorer) finish() error {
-	if err := r.prepare(); err != nil {
-		return err
-	}
-	return r.resume()
-}
-
 // resume detaches every thread of the prepared process: it runs.
 //
 // Precondition: called on the Tracer thread.
@@ -95,6 +84,8 @@ func (r *restorer) setIdentity() error {
 	in, p := r.main, r.img
 	entry := r.entry
 	switch {
+	case r.idsSet:
+		// Set when the process was created (restore_tree.go).
 	case r.shellJob:
 		// A shell job joins the restorer's session and terminal.
 	case entry.GetSid() == int32(r.pid):

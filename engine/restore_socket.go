@@ -9,7 +9,6 @@ import (
 	"github.com/phaul/phaul/netlock"
 	"github.com/phaul/phaul/netsock"
 	"github.com/phaul/phaul/protocol/imagepb"
-
 )
 
 // Restore of IPv4 and IPv6 sockets: netsock.Restore builds the socket in
@@ -107,6 +106,9 @@ func ImageEndpoints(files *imagepb.FileTable) (eps []netsock.Endpoint, establish
 // lockNet takes the restore's network lock when the image holds
 // established connections (with every socket's port or connection in it).
 func (r *restorer) lockNet() error {
+	if !r.ownsNetLock {
+		return nil
+	}
 	eps, established, err := ImageEndpoints(r.files)
 	if err != nil || !established {
 		return err

@@ -65,7 +65,7 @@ func NewShadow(ctx context.Context, opt ShadowOptions) (*Shadow, error) {
 	r := &restorer{
 		stdio: opt.Stdio, xsave: opt.XsaveFeatures, pid: opt.Pid,
 		log: log.With("component", "shadow", "pid", opt.Pid),
-		tr:  ptrace.NewTracer(), shared: newSharedFiles(),
+		tr:  ptrace.NewTracer(), shared: newSharedFiles(), ownsNetLock: true,
 	}
 	if err := r.start(opt.Vmas); err != nil {
 		r.abort()

@@ -27,6 +27,7 @@ type Stat struct {
 	EnvStart   uint64
 	EnvEnd     uint64
 	ExitCode   int
+	ExitSignal int
 	NumThreads int
 }
 
@@ -78,6 +79,7 @@ func ParseStat(b []byte) (*Stat, error) {
 	s.TtyNr = int(num(7))
 	s.NumThreads = int(num(20))
 	s.StartCode = num(26)
+	s.ExitSignal = int(num(38))
 	s.EndCode = num(27)
 	s.StartStack = num(28)
 	s.StartData = num(45)

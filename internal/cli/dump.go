@@ -12,12 +12,12 @@ import (
 func init() {
 	register(&command{
 		name:    "dump",
-		summary: "checkpoint a running process into an image directory",
+		summary: "checkpoint a running process and its descendants into an image directory",
 		usage:   "-t PID -D DIR [--prev DIR [--track NAME]] [--leave-running] [--shell-job] [--tcp-established] [--json]",
 		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
-			pid := fs.IntP("tree", "t", 0, "PID of the process to dump (required)")
+			pid := fs.IntP("tree", "t", 0, "PID of the root of the process tree to dump: the process, its children, grandchildren and zombies (required)")
 			dir := fs.StringP("images-dir", "D", "", "directory to write the images to (required; created if missing)")
-			leave := fs.BoolP("leave-running", "R", false, "resume the process after the dump instead of killing it")
+			leave := fs.BoolP("leave-running", "R", false, "resume the process (the whole tree) after the dump instead of killing it")
 			shell := fs.Bool("shell-job", false, "allow descriptors on a terminal; restore re-binds them to the restorer's stdio")
 			tcpEst := fs.Bool("tcp-established", false, "checkpoint established TCP connections (they are locked and closed silently; restore them where their address is)")
 			prev := fs.String("prev", "", "the last pre-dump (phaul pre-dump): save only the pages changed since")
@@ -52,11 +52,20 @@ func init() {
 				if *prev != "" {
 					inParent = fmt.Sprintf(", %d unchanged since %s", res.PagesInParent, *prev)
 				}
-				fmt.Fprintf(env.Stdout, "dumped %d (%d threads) to %s: %d pages written (%s), %d zero pages elided%s, frozen %.1f ms, total %.1f ms; process %s\n",
-					res.Pid, res.Threads, *dir, res.PagesWritten, humanBytes(res.BytesWritten), res.PagesZero, inParent,
+				fmt.Fprintf(env.Stdout, "dumped %d (%s) to %s: %d pages written (%s), %d zero pages elided%s, frozen %.1f ms, total %.1f ms; process %s\n",
+					res.Pid, treeSize(res.Processes, res.Threads), *dir, res.PagesWritten, humanBytes(res.BytesWritten), res.PagesZero, inParent,
 					res.FrozenMS, res.DurationMS, fate)
 				return nil
 			}
 		},
 	})
+}
+
+// treeSize describes how many processes and threads a dump or restore
+// took: "3 threads", or "4 processes, 5 threads" for a tree.
+func treeSize(processes, threads int) string {
+	if processes <= 1 {
+		return fmt.Sprintf("%d threads", threads)
+	}
+	return fmt.Sprintf("%d processes, %d threads", processes, threads)
 }

@@ -60,8 +60,8 @@ func init() {
 						return err
 					}
 				} else if *detach || *verbose > 0 {
-					fmt.Fprintf(env.Stderr, "restored %d (%d threads, %d pages) in %.1f ms\n",
-						res.Pid, res.Threads, res.PagesRestored, res.DurationMS)
+					fmt.Fprintf(env.Stderr, "restored %d (%s, %d pages) in %.1f ms\n",
+						res.Pid, treeSize(res.Processes, res.Threads), res.PagesRestored, res.DurationMS)
 				}
 				if *detach {
 					return nil

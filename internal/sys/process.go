@@ -114,6 +114,15 @@ func SetChildSubreaper() error {
 	return wrap("prctl(PR_SET_CHILD_SUBREAPER)", unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
 }
 
+// ChildSubreaper turns this process's child-subreaper attribute on or off.
+func ChildSubreaper(on bool) error {
+	v := uintptr(0)
+	if on {
+		v = 1
+	}
+	return wrap("prctl(PR_SET_CHILD_SUBREAPER)", unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, v, 0, 0, 0))
+}
+
 // MemfdCreate creates an anonymous file.
 func MemfdCreate(name string, flags int) (int, error) {
 	fd, err := unix.MemfdCreate(name, flags)

@@ -396,8 +396,10 @@ type ProcessEntry struct {
 	Pgid  int32                  `protobuf:"varint,3,opt,name=pgid,proto3" json:"pgid,omitempty"`
 	Sid   int32                  `protobuf:"varint,4,opt,name=sid,proto3" json:"sid,omitempty"`
 	// A zombie has no memory or threads; only its exit status.
-	Zombie        bool  `protobuf:"varint,5,opt,name=zombie,proto3" json:"zombie,omitempty"`
-	ExitStatus    int32 `protobuf:"varint,6,opt,name=exit_status,json=exitStatus,proto3" json:"exit_status,omitempty"`
+	Zombie     bool  `protobuf:"varint,5,opt,name=zombie,proto3" json:"zombie,omitempty"`
+	ExitStatus int32 `protobuf:"varint,6,opt,name=exit_status,json=exitStatus,proto3" json:"exit_status,omitempty"`
+	// The command name (comm) of a zombie, which has no process image.
+	Comm          string `protobuf:"bytes,7,opt,name=comm,proto3" json:"comm,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -472,6 +474,13 @@ func (x *ProcessEntry) GetExitStatus() int32 {
 		return x.ExitStatus
 	}
 	return 0
+}
+
+func (x *ProcessEntry) GetComm() string {
+	if x != nil {
+		return x.Comm
+	}
+	return ""
 }
 
 type DumpStats struct {
@@ -3009,7 +3018,7 @@ const file_image_proto_rawDesc = "" +
 	" \x01(\x04R\rxsaveFeatures\x12\x1b\n" +
 	"\tshell_job\x18\v \x01(\bR\bshellJob\x12/\n" +
 	"\x05stats\x18\f \x01(\v2\x19.phaul.image.v1.DumpStatsR\x05stats\x12\x18\n" +
-	"\atracker\x18\r \x01(\tR\atracker\"\x93\x01\n" +
+	"\atracker\x18\r \x01(\tR\atracker\"\xa7\x01\n" +
 	"\fProcessEntry\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04ppid\x18\x02 \x01(\x05R\x04ppid\x12\x12\n" +
@@ -3017,7 +3026,8 @@ const file_image_proto_rawDesc = "" +
 	"\x03sid\x18\x04 \x01(\x05R\x03sid\x12\x16\n" +
 	"\x06zombie\x18\x05 \x01(\bR\x06zombie\x12\x1f\n" +
 	"\vexit_status\x18\x06 \x01(\x05R\n" +
-	"exitStatus\"\xa0\x02\n" +
+	"exitStatus\x12\x12\n" +
+	"\x04comm\x18\a \x01(\tR\x04comm\"\xa0\x02\n" +
 	"\tDumpStats\x12#\n" +
 	"\rpages_scanned\x18\x01 \x01(\x04R\fpagesScanned\x12#\n" +
 	"\rpages_written\x18\x02 \x01(\x04R\fpagesWritten\x12\x1d\n" +
