@@ -32,6 +32,11 @@ func BenchmarkDump1G(b *testing.B)      { benchDump(b, 1024) }
 func BenchmarkRestore256M(b *testing.B) { benchRestore(b, 256) }
 func BenchmarkRestore1G(b *testing.B)   { benchRestore(b, 1024) }
 
+// The tree benchmarks dump and restore 16 processes of 64 MiB each (1 GiB
+// in all, as BenchmarkDump1G in one process).
+func BenchmarkDumpTree16x64M(b *testing.B)    { benchDumpTree(b, 16, 64) }
+func BenchmarkRestoreTree16x64M(b *testing.B) { benchRestoreTree(b, 16, 64) }
+
 func startBigmem(b *testing.B, mib int) *testutil.Workload {
 	b.Helper()
 	return startFixtureOpts(b, "bigmem", &testutil.Options{ReadyTimeout: 2 * time.Minute, CheckTimeout: time.Minute},
@@ -104,6 +109,90 @@ func benchRestore(b *testing.B, mib int) {
 		w.WaitGone(b, 10*time.Second)
 		b.StartTimer()
 	}
+}
+
+func startTreemem(b *testing.B, procs, mib int) *testutil.Workload {
+	b.Helper()
+	return startFixtureOpts(b, "treemem", &testutil.Options{ReadyTimeout: 2 * time.Minute, CheckTimeout: time.Minute},
+		"--procs", strconv.Itoa(procs), "--mib", strconv.Itoa(mib))
+}
+
+func benchDumpTree(b *testing.B, procs, mib int) {
+	needPhaul(b)
+	need(b, "treemem")
+	b.SetBytes(int64(procs*mib) << 20)
+	var frozen float64
+	b.StopTimer()
+	for i := 0; i < b.N; i++ {
+		w := startTreemem(b, procs, mib)
+		if i == 0 {
+			w.MustCheck(b)
+		}
+		dir := benchImageDir(b)
+		b.StartTimer()
+		r := runPhaul(b, w, "dump", "-t", strconv.Itoa(w.Pid), "-D", dir, "--json")
+		b.StopTimer()
+		r.mustSucceed(b, w)
+		var s dumpStats
+		if err := json.Unmarshal([]byte(r.stdout), &s); err == nil && s.FrozenMs != nil {
+			frozen += *s.FrozenMs
+		}
+		w.WaitGone(b, 10*time.Second)
+		os.RemoveAll(dir)
+	}
+	b.ReportMetric(frozen/float64(b.N), "frozen-ms/op")
+}
+
+func benchRestoreTree(b *testing.B, procs, mib int) {
+	needPhaul(b)
+	need(b, "treemem")
+	w := startTreemem(b, procs, mib)
+	pre := w.MustCheck(b)
+	dir := benchImageDir(b)
+	dumpAndWaitGone(b, w, dir)
+	b.SetBytes(int64(procs*mib) << 20)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		restoreDetached(b, w, dir)
+		b.StopTimer()
+		if i == 0 {
+			if post := w.MustCheck(b); post.Seq != pre.Seq+1 {
+				b.Fatalf("restored treemem check seq %d, want %d", post.Seq, pre.Seq+1)
+			}
+		}
+		// The whole tree goes, and its orphans are reaped here (this
+		// test is their subreaper): a zombie would keep its PID from the
+		// next restore.
+		pids := descendants(w.Pid)
+		if err := sys.Kill(-w.Pid, sys.SIGKILL); err != nil { // its process group
+			b.Fatal(err)
+		}
+		w.WaitGone(b, 10*time.Second)
+		for _, pid := range pids {
+			if err := testutil.WaitPidGone(pid, 10*time.Second); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.StartTimer()
+	}
+}
+
+// descendants returns the PIDs of every descendant of pid.
+func descendants(pid int) []int {
+	var out []int
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if kid, err := strconv.Atoi(f); err == nil {
+				out = append(append(out, kid), descendants(kid)...)
+			}
+		}
+	}
+	return out
 }
 
 // benchRun is the part of a `phaul bench` run this test reads.

@@ -147,6 +147,7 @@ func buildAll() {
 	cc("tracer", "tracer.c")
 	cc("unsupported", "unsupported.c")
 	cc("bigmem", "bigmem.c")
+	cc("treemem", "treemem.c")
 	cc("churn", "churn.c")
 	build("go", func() artifact {
 		err := testutil.CompileGo(filepath.Join(testdata, "goworkload"), out("goworkload"))
