@@ -51,6 +51,7 @@ func freezeTree(ctx context.Context, opt FreezeOptions) (*frozenTree, error) {
 	type slot struct {
 		fz    *Frozen
 		entry *imagepb.ProcessEntry
+		ppid  int
 	}
 	slots := []slot{{fz: newFrozen(opt.Pid, status)}}
 	for i := 0; i < len(slots); i++ {
@@ -60,6 +61,9 @@ func freezeTree(ctx context.Context, opt FreezeOptions) (*frozenTree, error) {
 		}
 		if i > 0 {
 			if err := sameNamespaces(opt.Pid, fz.Pid); err != nil {
+				return fail(err)
+			}
+			if err := notSharing(fz.Pid, slots[i].ppid); err != nil {
 				return fail(err)
 			}
 		}
@@ -92,7 +96,7 @@ func freezeTree(ctx context.Context, opt FreezeOptions) (*frozenTree, error) {
 			if err != nil {
 				return fail(err)
 			}
-			slots = append(slots, slot{fz: newFrozen(kid, kst)})
+			slots = append(slots, slot{fz: newFrozen(kid, kst), ppid: fz.Pid})
 		}
 	}
 	for _, fz := range t.procs {
@@ -143,6 +147,29 @@ func sameNamespaces(root, pid int) error {
 		}
 		if a != b {
 			return unsupported("process %d is in another %s namespace (%s) than the root %d (%s)", pid, ns, b, root, a)
+		}
+	}
+	return nil
+}
+
+// notSharing refuses a process that shares its address space, descriptor
+// table or filesystem information with its parent (vfork, or clone with
+// CLONE_VM, CLONE_FILES or CLONE_FS): restore gives every process its own.
+func notSharing(pid, parent int) error {
+	for _, k := range []struct {
+		typ  int
+		what string
+	}{
+		{sys.KCMP_VM, "address space (vfork or CLONE_VM)"},
+		{sys.KCMP_FILES, "descriptor table (CLONE_FILES)"},
+		{sys.KCMP_FS, "working directory, root and umask (CLONE_FS)"},
+	} {
+		same, err := sys.Kcmp(pid, parent, k.typ, 0, 0)
+		if err != nil {
+			return fmt.Errorf("compare %d with its parent %d: %w", pid, parent, err)
+		}
+		if same == 0 {
+			return unsupported("process %d shares its %s with its parent %d", pid, k.what, parent)
 		}
 	}
 	return nil

@@ -153,8 +153,14 @@ func CloseOnExecFrom(fd int) error {
 	return wrap("close_range", unix.CloseRange(uint(fd), ^uint(0), unix.CLOSE_RANGE_CLOEXEC))
 }
 
-// KCMP_FILE compares two file descriptions with Kcmp.
-const KCMP_FILE = 0
+// Kcmp types: two file descriptions, or the address spaces, descriptor
+// tables and filesystem information (cwd, root, umask) of two processes.
+const (
+	KCMP_FILE  = 0
+	KCMP_VM    = 1
+	KCMP_FILES = 2
+	KCMP_FS    = 3
+)
 
 // Kcmp compares kernel objects of two processes: 0 means the same object.
 func Kcmp(pid1, pid2, typ int, idx1, idx2 uint64) (int, error) {
