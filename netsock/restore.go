@@ -99,6 +99,15 @@ func restore(fd int, st *State) error {
 	if err := setBuffersIf(fd, st.Opts, have); err != nil {
 		return err
 	}
+	// SO_REUSEADDR goes before bind: the port may still be held here by
+	// connections of the original in TIME_WAIT (it was killed on this
+	// host), which inherited the option and let a socket with it bind.
+	if st.Opts.ReuseAddr && !have.ReuseAddr {
+		if err := optReuseAddr.set(fd, 1); err != nil {
+			return err
+		}
+		have.ReuseAddr = true
+	}
 	if err := withTransparent(fd, st, func() error {
 		if bound(st) {
 			if err := sys.BindInet(fd, int(st.Family), st.Local); err != nil {
