@@ -9,6 +9,11 @@
 // descriptors and the rest by injecting system calls into that process, and
 // lets it run.
 //
+// Memory that mappings and descriptors share (shared anonymous memory,
+// memfds, deleted tmpfs files, SysV segments) is saved once per object of
+// the image, not per mapping or process, and made again once at restore
+// for every process that shares it (shmem.go, restore_shmem.go).
+//
 // Anything the engine cannot reproduce faithfully is refused at dump time
 // with an error that names it (ErrUnsupported); the process then keeps
 // running untouched.

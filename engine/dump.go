@@ -30,6 +30,10 @@ type DumpOptions struct {
 	// TCPEstablished allows established TCP connections to be dumped (the
 	// --tcp-established of CRIU); without it they are refused by name.
 	TCPEstablished bool
+	// ExtUnixSk allows unix sockets whose peer is outside the image (the
+	// --ext-unix-sk of CRIU); restore connects them to the peer's name
+	// again. Without it they are refused by name.
+	ExtUnixSk ExtUnixSk
 	// Parent is the last pre-dump of a chain (PreDump): only the pages
 	// written since are saved, the others are recorded as in the parent.
 	// Tracking is removed from the process before anything is collected.
@@ -57,6 +61,10 @@ type DumpResult struct {
 	Killed       bool          `json:"killed"`
 	// PagesInParent counts the pages recorded as unchanged since Parent.
 	PagesInParent uint64 `json:"pages_in_parent"`
+	// ConnectionsLeftOut counts the connections that unix listeners had
+	// not accepted yet from clients outside the image: they are not in
+	// the image (their clients see them fail).
+	ConnectionsLeftOut int `json:"connections_left_out,omitempty"`
 	// Tracker is the tracking backend of the parent chain.
 	Tracker string `json:"tracker,omitempty"`
 }
@@ -90,7 +98,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	}
 	var inParent tracker.Ranges
 	var backend string
-	fopt := FreezeOptions{Pid: opt.Pid, ShellJob: opt.ShellJob, TCPEstablished: opt.TCPEstablished, Logger: log}
+	fopt := FreezeOptions{Pid: opt.Pid, ShellJob: opt.ShellJob, TCPEstablished: opt.TCPEstablished, ExtUnixSk: opt.ExtUnixSk, Logger: log}
 	if par != nil {
 		fopt.TrackerDir = par.dir
 		fopt.LastRound = func(ctx context.Context, t tracker.Tracker, _ []*imagepb.VMA) error {
@@ -111,7 +119,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		}
 	}
 	fopt.Logger = log
-	tree, err := freezeTree(ctx, fopt)
+	tree, err := freezeRetrying(ctx, fopt)
 	if err != nil {
 		return nil, fmt.Errorf("dump %d: %w", opt.Pid, err)
 	}
@@ -126,9 +134,18 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		return fmt.Errorf("dump %d: %w (the process was resumed)", opt.Pid, cause)
 	}
 	log.Debug("state collected", "processes", len(tree.entries), "since_freeze", time.Since(frozenAt))
+	leftOut, listeners := tree.files.leftOut()
+	if leftOut > 0 {
+		log.Warn("connections not accepted yet from clients outside the image are left out: their clients see them fail",
+			"connections", leftOut, "listeners", listeners)
+	}
 
 	// Memory, read while the tree stays frozen.
 	d := image.Dir{Path: opt.Dir}
+	// Shared memory objects first: their pages are saved once, apart.
+	if err := tree.dumpShmem(d); err != nil {
+		return nil, resume(err)
+	}
 	var ms memStats
 	threads := 0
 	for i, fz := range tree.procs {
@@ -175,6 +192,7 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 		Pid: opt.Pid, Threads: threads, Processes: len(tree.entries),
 		PagesScanned: ms.scanned, PagesWritten: ms.written, PagesZero: ms.zero,
 		BytesWritten: ms.written * pageSize, PagesInParent: ms.parent, Tracker: backend,
+		ConnectionsLeftOut: leftOut,
 	}
 	inv.Stats = &imagepb.DumpStats{
 		PagesScanned: res.PagesScanned, PagesWritten: res.PagesWritten, PagesZero: res.PagesZero,
@@ -212,4 +230,33 @@ func Dump(ctx context.Context, opt DumpOptions) (*DumpResult, error) {
 	}
 	log.Info("dumped", "pages", res.PagesWritten, "frozen", res.Frozen, "took", res.Duration)
 	return res, nil
+}
+
+// pendingAttempts bounds how often freezeRetrying freezes the tree.
+const pendingAttempts = 10
+
+// freezeRetrying freezes the tree like freezeTree, and freezes it again
+// when it was refused only because a listener of it had a connection not
+// accepted yet (ErrPendingConnections), or a unix connection with a client
+// outside (ErrBusy): a server under load has them now and then, and is done
+// with them within milliseconds. Between attempts the tree
+// runs; the wait grows from 5 ms to 200 ms, about a second in all.
+func freezeRetrying(ctx context.Context, opt FreezeOptions) (*frozenTree, error) {
+	delay := 5 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		t, err := freezeTree(ctx, opt)
+		if err == nil || !errors.Is(err, ErrPendingConnections) && !errors.Is(err, ErrBusy) {
+			return t, err
+		}
+		if attempt == pendingAttempts {
+			return nil, fmt.Errorf("%w (the same after %d attempts)", err, attempt)
+		}
+		opt.Logger.Info("a connection waits to be accepted; the process runs and is frozen again shortly", "attempt", attempt, "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 200*time.Millisecond)
+	}
 }

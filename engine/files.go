@@ -47,6 +47,10 @@ type fileTable struct {
 	// process; seen indexes them by identity (dumpFDs).
 	described []procFD
 	seen      map[fileIdent][]procFD
+	// unixSockets are the unix sockets of the table, extUnixSk those
+	// whose peer may be outside it (files_unix.go).
+	unixSockets []*dumpedUnix
+	extUnixSk   ExtUnixSk
 }
 
 // procFD is a descriptor of one process of the table.
@@ -65,7 +69,7 @@ type fileIdent struct {
 // newFileTable returns the table a freeze with opt fills.
 func newFileTable(opt FreezeOptions) *fileTable {
 	return &fileTable{shellJob: opt.ShellJob, tcpEstablished: opt.TCPEstablished, lockPid: opt.Pid,
-		seen: map[fileIdent][]procFD{}}
+		seen: map[fileIdent][]procFD{}, extUnixSk: opt.ExtUnixSk}
 }
 
 // dumpFDs describes every descriptor of pid but skip (phaul's own in the
@@ -118,7 +122,13 @@ func (ft *fileTable) dumpFDs(pid, skip int) ([]*imagepb.FD, error) {
 // what spans descriptors: both ends of each pipe are in the table (and
 // the bytes queued in it are saved).
 func (ft *fileTable) finish() error {
-	return ft.pipeData()
+	if err := ft.pipeData(); err != nil {
+		return err
+	}
+	if err := ft.fifoData(); err != nil {
+		return err
+	}
+	return ft.checkUnixPeers()
 }
 
 // pipeData checks that both ends of every pipe are in the table and saves
@@ -266,6 +276,12 @@ func (ft *fileTable) describe(pid, fd int) (*imagepb.File, bool, error) {
 		if ok {
 			return f, cloexec, nil
 		}
+		if ok, err = ft.unixSocket(pid, fd, f); err != nil {
+			return nil, false, err
+		}
+		if ok {
+			return f, cloexec, nil
+		}
 	}
 	if strings.HasPrefix(link, "pipe:[") {
 		st, err := os.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, fd))
@@ -282,7 +298,11 @@ func (ft *fileTable) describe(pid, fd int) (*imagepb.File, bool, error) {
 		return nil, false, unsupported("descriptor %d (%s)%s", fd, link, kindHint(link))
 	}
 	if strings.HasSuffix(link, " (deleted)") {
-		return nil, false, unsupported("descriptor %d refers to the deleted file %s", fd, strings.TrimSuffix(link, " (deleted)"))
+		// A memfd or a deleted tmpfs file: a shared memory object (shmem.go).
+		if err := shmemDescriptor(pid, fd, link, f); err != nil {
+			return nil, false, err
+		}
+		return f, cloexec, nil
 	}
 	fi, err := os.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, fd))
 	if err != nil {
@@ -310,7 +330,7 @@ func (ft *fileTable) describe(pid, fd int) (*imagepb.File, bool, error) {
 		}
 		f.Kind = imagepb.FileKind_FILE_CHARDEV
 	case fi.Mode()&os.ModeNamedPipe != 0:
-		return nil, false, unsupported("descriptor %d is the FIFO %s", fd, link)
+		f.Kind, f.Fifo = imagepb.FileKind_FILE_FIFO, &imagepb.Fifo{}
 	default:
 		return nil, false, unsupported("descriptor %d (%s, %s)", fd, link, fi.Mode().Type())
 	}

@@ -23,6 +23,9 @@ type FreezeOptions struct {
 	// TCPEstablished allows established TCP connections: they are left in
 	// repair mode while frozen, behind a network lock (files_socket.go).
 	TCPEstablished bool
+	// ExtUnixSk allows unix sockets whose peer is outside the image
+	// (files_unix.go).
+	ExtUnixSk ExtUnixSk
 	// TrackerDir holds tracking state parked by earlier rounds
 	// (tracker.Tracker.Park); empty when the process was not tracked.
 	TrackerDir string

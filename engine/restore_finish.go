@@ -156,7 +156,8 @@ func (r *restorer) setFiles() error {
 			}
 		}
 	}
-	opened := map[uint32]int32{} // file id -> first descriptor restored for it
+	opened := map[uint32]int32{}   // file id -> first descriptor restored for it
+	inherited := map[uint32]bool{} // file ids another process made (it set them up)
 	for _, fd := range listenersFirst(r.img.Fds, files) {
 		f := files[fd.FileId]
 		if f == nil {
@@ -187,6 +188,9 @@ func (r *restorer) setFiles() error {
 		// first (inherited across fork), or this process makes for others.
 		key := sharedKey{sharedFile, uint64(fd.FileId)}
 		tmp, ok, err := r.fromShared(key)
+		if ok {
+			inherited[fd.FileId] = true
+		}
 		if !ok && err == nil {
 			if tmp, err = r.openFile(f); err == nil && r.sharedIDs[fd.FileId] {
 				err = r.share(key, tmp)
@@ -217,7 +221,7 @@ func (r *restorer) setFiles() error {
 	ev := make([]byte, 12) // struct epoll_event is packed on x86_64
 	for _, fd := range r.img.Fds {
 		f := files[fd.FileId]
-		if f.Kind != imagepb.FileKind_FILE_EPOLL || opened[fd.FileId] != fd.Fd {
+		if f.Kind != imagepb.FileKind_FILE_EPOLL || opened[fd.FileId] != fd.Fd || inherited[fd.FileId] {
 			continue
 		}
 		for _, t := range f.GetEpoll().GetTargets() {
@@ -234,17 +238,20 @@ func (r *restorer) setFiles() error {
 	return nil
 }
 
-// listenersFirst returns fds with the descriptors of TCP listeners first,
-// otherwise in order: a listener binds its port before the connections it
-// accepted take the same port (in repair mode, which forces the reuse), so
-// that its bind does not conflict with them when it lacks SO_REUSEADDR.
+// listenersFirst returns fds with the descriptors of TCP and unix
+// listeners first, otherwise in order: a listener binds its port before
+// the connections it accepted take the same port (in repair mode, which
+// forces the reuse), so that its bind does not conflict with them when it
+// lacks SO_REUSEADDR; a unix listener exists before the connections that
+// are made through it again (restore_unix.go).
 // Any order of restoring is safe: a temporary descriptor is the lowest free
 // one and never one already placed.
 func listenersFirst(fds []*imagepb.FD, files map[uint32]*imagepb.File) []*imagepb.FD {
 	out := make([]*imagepb.FD, 0, len(fds))
 	isListener := func(fd *imagepb.FD) bool {
 		f := files[fd.FileId]
-		return f.GetKind() == imagepb.FileKind_FILE_INET_SOCKET && f.GetInetSocket().GetTcpState() == sys.TCP_LISTEN
+		return (f.GetKind() == imagepb.FileKind_FILE_INET_SOCKET && f.GetInetSocket().GetTcpState() == sys.TCP_LISTEN) ||
+			(f.GetKind() == imagepb.FileKind_FILE_UNIX_SOCKET && f.GetUnixSocket().GetState() == unixListening)
 	}
 	for _, fd := range fds {
 		if isListener(fd) {
@@ -267,6 +274,8 @@ func (r *restorer) openFile(f *imagepb.File) (uint64, error) {
 	in := r.main
 	switch f.Kind {
 	case imagepb.FileKind_FILE_REGULAR, imagepb.FileKind_FILE_CHARDEV, imagepb.FileKind_FILE_DIRECTORY:
+	case imagepb.FileKind_FILE_MEMFD:
+		return r.openShmemFile(f)
 	case imagepb.FileKind_FILE_EVENTFD:
 		return r.openEventfd(f)
 	case imagepb.FileKind_FILE_PIPE:
@@ -279,6 +288,10 @@ func (r *restorer) openFile(f *imagepb.File) (uint64, error) {
 		return r.openInotify(f)
 	case imagepb.FileKind_FILE_INET_SOCKET:
 		return r.openInetSocket(f)
+	case imagepb.FileKind_FILE_UNIX_SOCKET:
+		return r.openUnixSocket(f)
+	case imagepb.FileKind_FILE_FIFO:
+		return r.openFifo(f)
 	case imagepb.FileKind_FILE_EPOLL:
 		fd, err := in.Syscall(sys.SYS_EPOLL_CREATE1, sys.O_CLOEXEC)
 		if err != nil {

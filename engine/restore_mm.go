@@ -299,8 +299,26 @@ func (r *restorer) mapVMA(v *imagepb.VMA, start, end uint64) error {
 	switch v.Kind {
 	case imagepb.VMAKind_VMA_ANON_PRIVATE, imagepb.VMAKind_VMA_HEAP, imagepb.VMAKind_VMA_STACK:
 		flags |= sys.MAP_PRIVATE | sys.MAP_ANONYMOUS
-	case imagepb.VMAKind_VMA_ANON_SHARED:
-		flags |= sys.MAP_SHARED | sys.MAP_ANONYMOUS
+	case imagepb.VMAKind_VMA_ANON_SHARED, imagepb.VMAKind_VMA_SHMEM:
+		if v.Kind == imagepb.VMAKind_VMA_ANON_SHARED && v.Shmem == 0 {
+			// Its own object, its pages written per address (a
+			// migration's shadow, an image of an older version).
+			flags |= sys.MAP_SHARED | sys.MAP_ANONYMOUS
+			break
+		}
+		// A shared memory object of the image (restore_shmem.go).
+		f, err := r.shmemMapFD(v)
+		if err != nil {
+			return err
+		}
+		flags |= sys.MAP_SHARED
+		fd = f
+		defer in.Syscall(sys.SYS_CLOSE, f)
+	case imagepb.VMAKind_VMA_SYSV_SHM:
+		if err := r.attachSysV(v, start, end); err != nil {
+			return err
+		}
+		return r.madvise(v, start, end)
 	case imagepb.VMAKind_VMA_FILE_PRIVATE, imagepb.VMAKind_VMA_FILE_SHARED:
 		mode := uint64(sys.O_RDONLY)
 		if v.Kind == imagepb.VMAKind_VMA_FILE_SHARED {
@@ -330,8 +348,15 @@ func (r *restorer) mapVMA(v *imagepb.VMA, start, end uint64) error {
 	if got != start {
 		return fmt.Errorf("map %#x-%#x (%s): kernel placed it at %#x", start, end, vmaName(v), got)
 	}
+	return r.madvise(v, start, end)
+}
+
+// madvise gives [start, end) of v the advice it had.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) madvise(v *imagepb.VMA, start, end uint64) error {
 	for _, adv := range v.Madvise {
-		if _, err := in.Syscall(sys.SYS_MADVISE, start, end-start, uint64(adv)); err != nil {
+		if _, err := r.main.Syscall(sys.SYS_MADVISE, start, end-start, uint64(adv)); err != nil {
 			return fmt.Errorf("madvise(%d) %#x-%#x: %w", adv, start, end, err)
 		}
 	}

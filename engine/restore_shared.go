@@ -44,6 +44,8 @@ type sharedKey struct {
 // and mappings of one restore. It is used on the Tracer thread only.
 type sharedFiles struct {
 	fds map[sharedKey]int
+	// unix is what the restore knows of its unix sockets (restore_unix.go).
+	unix *unixRestore
 }
 
 func newSharedFiles() *sharedFiles { return &sharedFiles{fds: map[sharedKey]int{}} }

@@ -275,6 +275,7 @@ func (t *treeRestore) create(root *restorer) error {
 		if err := zombify(int(e.Pid), e.ExitStatus, e.Comm, parent.scratch+1024); err != nil {
 			return fmt.Errorf("zombie %d: %w", e.Pid, err)
 		}
+		delete(stubs, int(e.Pid)) // gone: nothing to give back
 		if err := dropSignal(parent.in, parent.scratch, sys.SIGCHLD); err != nil {
 			return fmt.Errorf("parent %d of zombie %d: %w", e.Ppid, e.Pid, err)
 		}
@@ -354,6 +355,13 @@ func zombify(pid int, status int32, comm string, scratch uint64) error {
 		}
 		return nil
 	}
+	// A copy of a parent under injection: every signal blocked, and at
+	// the int3 after the gadget. Let it pause with nothing blocked, for
+	// the signal to end it.
+	regs := in.Base()
+	regs.Rip = stub.Base + stub.LoopOffset
+	in.SetBase(regs)
+	in.SetMask(0)
 	if err := in.Close(); err != nil {
 		return err
 	}

@@ -83,7 +83,8 @@ func NewShadow(ctx context.Context, opt ShadowOptions) (*Shadow, error) {
 // Pid returns the shadow's PID.
 func (s *Shadow) Pid() int { return s.r.pid }
 
-// validateLayout checks that vmas are sorted, page-aligned and disjoint.
+// validateLayout checks that vmas are sorted, page-aligned and disjoint,
+// and hold no shared memory a migration cannot carry (migratable).
 func validateLayout(vmas []*imagepb.VMA) error {
 	var prev uint64
 	for _, v := range vmas {
@@ -92,7 +93,7 @@ func validateLayout(vmas []*imagepb.VMA) error {
 		}
 		prev = v.End
 	}
-	return nil
+	return migratable(vmas)
 }
 
 // SetLayout brings the shadow's mappings to vmas, the layout of a later
@@ -351,6 +352,9 @@ func overlaps(v *imagepb.VMA, list []*imagepb.VMA) []span {
 // Precondition: called on the Tracer thread.
 func (r *restorer) relayout(vmas []*imagepb.VMA) error {
 	in := r.main
+	if err := migratable(vmas); err != nil {
+		return err
+	}
 	// Kernel mappings cannot change within one process's life.
 	for _, v := range vmas {
 		if !isKernelVMA(v.Kind) || v.Kind == imagepb.VMAKind_VMA_VSYSCALL {

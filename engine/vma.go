@@ -47,7 +47,46 @@ func Layout(pid int) ([]*imagepb.VMA, error) {
 	if err != nil {
 		return nil, err
 	}
-	return convertVMAs(maps, true)
+	vmas, err := convertVMAs(maps, true)
+	if err != nil {
+		return nil, err
+	}
+	if err := migratable(vmas); err != nil {
+		return nil, err
+	}
+	return vmas, nil
+}
+
+// migratable refuses what a migration cannot carry of the shared memory
+// objects of a layout: a migration sends pages per process and address,
+// and the shadow process maps each shared anonymous mapping as an object
+// of its own. That is right for shared anonymous memory whose pages are
+// each mapped once; memfds, deleted files and SysV segments, whose
+// contents do not travel with a process's pages, and shared anonymous
+// memory mapped at two places, are refused by name.
+func migratable(vmas []*imagepb.VMA) error {
+	type mapped struct {
+		v        *imagepb.VMA
+		from, to uint64 // bytes of the object
+	}
+	seen := map[uint64][]mapped{}
+	for _, v := range vmas {
+		switch v.Kind {
+		case imagepb.VMAKind_VMA_SHMEM, imagepb.VMAKind_VMA_SYSV_SHM:
+			return unsupported("mapping %#x-%#x (%s) is a shared memory object: migrating memfds, deleted files and SysV shared memory (dump and restore it instead)",
+				v.Start, v.End, vmaName(v))
+		case imagepb.VMAKind_VMA_ANON_SHARED:
+			m := mapped{v, v.Pgoff, v.Pgoff + v.End - v.Start}
+			for _, o := range seen[v.Shmid] {
+				if m.from < o.to && o.from < m.to {
+					return unsupported("shared anonymous memory (inode %d) is mapped at both %#x-%#x and %#x-%#x: migrating aliased shared memory",
+						v.Shmid, o.v.Start, o.v.End, v.Start, v.End)
+				}
+			}
+			seen[v.Shmid] = append(seen[v.Shmid], m)
+		}
+	}
+	return nil
 }
 
 // uffdFlags are the VmFlags of mappings registered with userfaultfd.
@@ -105,6 +144,18 @@ func convertVMAs(maps []proc.Mapping, tracked bool) ([]*imagepb.VMA, error) {
 			v.Kind = imagepb.VMAKind_VMA_ANON_SHARED
 			v.Path = ""
 			v.Shmid = m.Inode
+			v.SharedReadOnly = !m.HasFlag("mw")
+		case m.Shared && m.Deleted && isSysVPath(m.Path):
+			// An attached SysV segment: the inode is its shmid.
+			v.Kind = imagepb.VMAKind_VMA_SYSV_SHM
+			v.Shmid = m.Inode
+			v.SharedReadOnly = !m.HasFlag("mw")
+		case m.Inode != 0 && m.Shared && m.Deleted && strings.HasPrefix(m.Path, "/"):
+			// A memfd or a deleted file: a shared memory object (shmem.go
+			// checks which, and refuses what is not on tmpfs).
+			v.Kind = imagepb.VMAKind_VMA_SHMEM
+			v.Shmid = m.Inode
+			v.SharedReadOnly = !m.HasFlag("mw")
 		case m.Inode != 0 && strings.HasPrefix(m.Path, "/"):
 			if err := checkMappedFile(m); err != nil {
 				return nil, err
@@ -141,13 +192,13 @@ func describePath(m *proc.Mapping) string {
 
 // checkMappedFile refuses file mappings that cannot be opened again by path.
 func checkMappedFile(m *proc.Mapping) error {
+	// Shared mappings of deleted files are shared memory objects: what
+	// comes here is private.
 	switch {
-	case strings.HasPrefix(m.Path, "/SYSV"):
-		return unsupported("mapping %#x-%#x is a SysV shared memory segment", m.Start, m.End)
 	case strings.HasPrefix(m.Path, "/memfd:"):
-		return unsupported("mapping %#x-%#x is a memfd (%s)", m.Start, m.End, m.Path)
+		return unsupported("mapping %#x-%#x is a private mapping of a memfd (%s)", m.Start, m.End, m.Path)
 	case m.Deleted:
-		return unsupported("mapping %#x-%#x is of the deleted file %s", m.Start, m.End, m.Path)
+		return unsupported("mapping %#x-%#x is a private mapping of the deleted file %s", m.Start, m.End, m.Path)
 	}
 	fi, err := os.Stat(m.Path)
 	if err != nil {
@@ -159,14 +210,18 @@ func checkMappedFile(m *proc.Mapping) error {
 	return nil
 }
 
-// hasPages reports whether the contents of v belong in the image: memory
-// whose only copy is the process's (anonymous memory, and the
-// copied-on-write pages of private file mappings).
+// hasPages reports whether the contents of v belong in the process's own
+// pages: memory whose only copy is the process's (private anonymous
+// memory, and the copied-on-write pages of private file mappings). Shared
+// memory objects keep their contents apart, once (shmem.go); only shared
+// anonymous memory that is no object of the image has its pages with the
+// process: in the layouts of a migration, and in images of older versions.
 func hasPages(v *imagepb.VMA) bool {
 	switch v.Kind {
-	case imagepb.VMAKind_VMA_ANON_PRIVATE, imagepb.VMAKind_VMA_ANON_SHARED,
-		imagepb.VMAKind_VMA_HEAP, imagepb.VMAKind_VMA_STACK, imagepb.VMAKind_VMA_FILE_PRIVATE:
+	case imagepb.VMAKind_VMA_ANON_PRIVATE, imagepb.VMAKind_VMA_HEAP, imagepb.VMAKind_VMA_STACK, imagepb.VMAKind_VMA_FILE_PRIVATE:
 		return true
+	case imagepb.VMAKind_VMA_ANON_SHARED:
+		return v.Shmem == 0
 	}
 	return false
 }

@@ -35,16 +35,18 @@ func Describe(w io.Writer, cp *Checkpoint, opt Options) error {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "checkpoint %s\n", cp.Dir)
 	writeInventory(&b, cp.Inventory)
+	writeTree(&b, cp)
 	if cp.Files != nil {
 		writeFiles(&b, cp.Files)
 	}
+	writeShared(&b, cp)
 	var total pageCounts
 	var threads, vmas, live int
 	for _, p := range cp.Processes {
 		e := p.Entry
 		if e.GetZombie() {
-			fmt.Fprintf(&b, "\nzombie %d (ppid %d, pgid %d, sid %d) exit status %d\n",
-				e.GetPid(), e.GetPpid(), e.GetPgid(), e.GetSid(), e.GetExitStatus())
+			fmt.Fprintf(&b, "\nzombie %d %s (ppid %d, pgid %d, sid %d) %s\n",
+				e.GetPid(), orDash(e.GetComm()), e.GetPpid(), e.GetPgid(), e.GetSid(), waitStatus(e.GetExitStatus()))
 			continue
 		}
 		live++
@@ -83,6 +85,9 @@ func DescribeFile(w io.Writer, path string, opt Options) error {
 	f.Close()
 	if bytes.Equal(magic[:n], pagesMagic) {
 		return describePagesFile(w, path, opt)
+	}
+	if bytes.Equal(magic[:n], shmemMagic) {
+		return describeShmemFile(w, path, opt)
 	}
 	k, payload, err := readFrame(path)
 	if err != nil {
@@ -192,14 +197,39 @@ func writeFiles(b *bytes.Buffer, ft *imagepb.FileTable) {
 			f.GetPos(), f.GetMode(), orDash(f.GetPath()), fileDetail(f))
 	}
 	tw.flush()
+	for _, o := range ft.GetShmem() {
+		sysv := ""
+		if s := o.GetSysv(); s != nil {
+			sysv = fmt.Sprintf(", key %#x shmid %d removed %v", uint32(s.GetKey()), s.GetShmid(), s.GetRemoved())
+		}
+		fmt.Fprintf(b, "  shmem %d: %s %q, %d bytes, %d pages saved, mode %#o, seals %#x%s\n", o.GetId(),
+			strings.ToLower(strings.TrimPrefix(o.GetKind().String(), "SHMEM_")), o.GetName(), o.GetSize(),
+			countShmemPages(o), o.GetMode(), o.GetSeals(), sysv)
+	}
+}
+
+func countShmemPages(o *imagepb.Shmem) (n uint64) {
+	for _, r := range o.GetRuns() {
+		n += r.GetNrPages()
+	}
+	return n
 }
 
 func fileDetail(f *imagepb.File) string {
 	switch {
+	case f.GetShmem() != 0:
+		return fmt.Sprintf("shmem %d", f.GetShmem())
 	case f.GetKind() == imagepb.FileKind_FILE_INHERITED:
 		return fmt.Sprintf("restorer's fd %d", f.GetInheritFd())
 	case f.GetPipe() != nil:
 		return fmt.Sprintf("pipe %d, %d bytes queued", f.GetPipe().GetPipeId(), len(f.GetPipe().GetData()))
+	case f.GetUnixSocket() != nil:
+		u := f.GetUnixSocket()
+		return fmt.Sprintf("unix type %d state %d socket:[%d] name %q connected %v peer %d (gone %v, external %v) listener %d, %d messages queued, %d pending (%d from outside, left out)",
+			u.GetType(), u.GetState(), u.GetInode(), u.GetName(), u.GetConnected(), u.GetPeerInode(), u.GetPeerGone(), u.GetExternal(), u.GetListenerInode(), len(u.GetQueue()),
+			len(u.GetPending()), u.GetPendingOutside())
+	case f.GetFifo() != nil:
+		return fmt.Sprintf("fifo, %d bytes queued", len(f.GetFifo().GetData()))
 	case f.GetEventfd() != nil:
 		return fmt.Sprintf("count %d semaphore %v", f.GetEventfd().GetCount(), f.GetEventfd().GetSemaphore())
 	case f.GetEpoll() != nil:

@@ -62,7 +62,7 @@ func TestDescribe(t *testing.T) {
 		`^    SIGINT 0x401500 0x4000000 0x0 0x401600$`,
 		`^    SIGPIPE SIG_IGN `,
 		`pages 5 runs: 8 saved \(32\.0 KiB\), 4 zero, 0 in parent`,
-		`^zombie 102 \(ppid 100, pgid 100, sid 100\) exit status 3$`,
+		`^zombie 102 - \(ppid 100, pgid 100, sid 100\) killed by SIGQUIT$`,
 		`^total: 3 processes \(2 live\), 4 threads, 4 mappings, pages 16 saved \(64\.0 KiB\), 8 zero, 0 in parent$`,
 	)
 	if strings.Contains(out, "SIGTERM") {

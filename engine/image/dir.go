@@ -251,8 +251,10 @@ func (cp *Checkpoint) Process(pid int) *Process {
 
 // Load reads every file of the checkpoint directory dir and checks them
 // against each other: every live process of the inventory has its process
-// image (its pid the one listed), page map and pages file; its descriptors
-// name files of the file table; its pages lie inside its mappings. A
+// image (its pid the one listed), page map and pages file; every shared
+// memory object of the file table has its contents file, fitting its runs;
+// its descriptors name files of the file table, its mappings shared memory
+// objects of it; its pages lie inside its mappings. A
 // zombie has no files. In a pre-dump (Inventory.Predump), the file table
 // and process images may be missing; page maps may not.
 //
@@ -269,6 +271,9 @@ func Load(dir string) (*Checkpoint, error) {
 			return nil, err
 		}
 		cp.Files = nil
+	}
+	if err := checkShmemFiles(d, cp.Files); err != nil {
+		return nil, err
 	}
 	for _, e := range inv.GetProcesses() {
 		p := &Process{Entry: e}

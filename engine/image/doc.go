@@ -11,6 +11,7 @@
 //	process-PID.img      imagepb.Process     one per process
 //	pagemap-PID.img      imagepb.PageMap     one per process: where its pages are
 //	pages-PID.img        raw page data       one per process
+//	shmem-ID.img         raw data            one per shared memory object (shmem.go)
 //
 // # Framed message files
 //

@@ -70,7 +70,9 @@ func ValidateInventory(inv *imagepb.Inventory) error {
 }
 
 // ValidateFileTable checks that file ids are unique, kinds are known, and an
-// inherited file names one of the restorer's stdio descriptors.
+// inherited file names one of the restorer's stdio descriptors; and the
+// shared memory objects (ValidateShmem), with unique ids, that the files
+// name.
 func ValidateFileTable(ft *imagepb.FileTable) error {
 	seen := make(map[uint32]bool, len(ft.GetFiles()))
 	for _, f := range ft.GetFiles() {
@@ -88,7 +90,7 @@ func ValidateFileTable(ft *imagepb.FileTable) error {
 			return corruptf("file %d: position %d", f.GetId(), f.GetPos())
 		}
 	}
-	return nil
+	return validateShmemTable(ft)
 }
 
 // ValidateProcess checks the parts of a process restore relies on: a
@@ -214,7 +216,9 @@ func validateSigInfo(pid int32, sis []*imagepb.SigInfo) error {
 	return nil
 }
 
-// ValidateFDs checks that every descriptor of p names a file of ft.
+// ValidateFDs checks that every descriptor of p names a file of ft, and
+// that the mappings of p name shared memory objects of ft correctly
+// (validateShmemRefs).
 func ValidateFDs(p *imagepb.Process, ft *imagepb.FileTable) error {
 	ids := make(map[uint32]bool, len(ft.GetFiles()))
 	for _, f := range ft.GetFiles() {
@@ -225,7 +229,7 @@ func ValidateFDs(p *imagepb.Process, ft *imagepb.FileTable) error {
 			return corruptf("pid %d: descriptor %d names file %d, which the file table lacks", p.GetPid(), fd.GetFd(), fd.GetFileId())
 		}
 	}
-	return nil
+	return validateShmemRefs(p, ft)
 }
 
 // ValidatePageMap checks that the runs of pm are sorted by address and do

@@ -64,6 +64,9 @@ func (in *Injector) SetGadget(g uint64) { in.gadget = g }
 // restored thread's registers this way).
 func (in *Injector) SetBase(r sys.Regs) { in.saved = r }
 
+// Base returns the registers Close restores.
+func (in *Injector) Base() sys.Regs { return in.saved }
+
 // SetMask replaces the signal mask restored by Close.
 func (in *Injector) SetMask(m uint64) { in.mask = m }
 

@@ -42,6 +42,9 @@ var code = []byte{
 // Base.
 const GadgetOffset = codeOff + 9
 
+// LoopOffset is the offset of the stub's pause loop from Base.
+const LoopOffset = codeOff
+
 // ELF returns the stub executable.
 func ELF() []byte {
 	var b bytes.Buffer

@@ -41,6 +41,10 @@ const (
 	VMAKind_VMA_VVAR         VMAKind = 8
 	VMAKind_VMA_VVAR_VCLOCK  VMAKind = 9
 	VMAKind_VMA_VSYSCALL     VMAKind = 10
+	// MAP_SHARED mapping of a memfd or of a deleted tmpfs file (VMA.shmem).
+	VMAKind_VMA_SHMEM VMAKind = 11
+	// Attached System V shared memory segment (VMA.shmem).
+	VMAKind_VMA_SYSV_SHM VMAKind = 12
 )
 
 // Enum value maps for VMAKind.
@@ -57,6 +61,8 @@ var (
 		8:  "VMA_VVAR",
 		9:  "VMA_VVAR_VCLOCK",
 		10: "VMA_VSYSCALL",
+		11: "VMA_SHMEM",
+		12: "VMA_SYSV_SHM",
 	}
 	VMAKind_value = map[string]int32{
 		"VMA_UNKNOWN":      0,
@@ -70,6 +76,8 @@ var (
 		"VMA_VVAR":         8,
 		"VMA_VVAR_VCLOCK":  9,
 		"VMA_VSYSCALL":     10,
+		"VMA_SHMEM":        11,
+		"VMA_SYSV_SHM":     12,
 	}
 )
 
@@ -108,14 +116,16 @@ const (
 	FileKind_FILE_CHARDEV   FileKind = 2
 	FileKind_FILE_DIRECTORY FileKind = 3
 	// A descriptor re-bound to the restorer's own stdio (--shell-job).
-	FileKind_FILE_INHERITED   FileKind = 4
-	FileKind_FILE_PIPE        FileKind = 5
-	FileKind_FILE_FIFO        FileKind = 6
-	FileKind_FILE_EVENTFD     FileKind = 7
-	FileKind_FILE_EPOLL       FileKind = 8
-	FileKind_FILE_TIMERFD     FileKind = 9
-	FileKind_FILE_SIGNALFD    FileKind = 10
-	FileKind_FILE_INOTIFY     FileKind = 11
+	FileKind_FILE_INHERITED FileKind = 4
+	FileKind_FILE_PIPE      FileKind = 5
+	FileKind_FILE_FIFO      FileKind = 6
+	FileKind_FILE_EVENTFD   FileKind = 7
+	FileKind_FILE_EPOLL     FileKind = 8
+	FileKind_FILE_TIMERFD   FileKind = 9
+	FileKind_FILE_SIGNALFD  FileKind = 10
+	FileKind_FILE_INOTIFY   FileKind = 11
+	// A descriptor of a shared memory object (File.shmem): a memfd, or a
+	// deleted file on tmpfs.
 	FileKind_FILE_MEMFD       FileKind = 12
 	FileKind_FILE_UNIX_SOCKET FileKind = 13
 	FileKind_FILE_INET_SOCKET FileKind = 14
@@ -1058,9 +1068,17 @@ type VMA struct {
 	// A guard region (PROT_NONE, no pages).
 	Guard bool `protobuf:"varint,12,opt,name=guard,proto3" json:"guard,omitempty"`
 	// Bytes of the file the mapping covered at dump time (for a size check on restore).
-	FileSize      int64 `protobuf:"varint,13,opt,name=file_size,json=fileSize,proto3" json:"file_size,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	FileSize int64 `protobuf:"varint,13,opt,name=file_size,json=fileSize,proto3" json:"file_size,omitempty"`
+	// The shared memory object (Shmem.id in FileTable.shmem) behind a mapping
+	// of kind VMA_ANON_SHARED, VMA_SHMEM or VMA_SYSV_SHM; 0 when its pages
+	// are in the process's own page map instead (images of older versions,
+	// and the layouts of a migration).
+	Shmem uint32 `protobuf:"varint,14,opt,name=shmem,proto3" json:"shmem,omitempty"`
+	// A shared mapping that can never be made writable (no "mw" in VmFlags:
+	// mapped from a read-only descriptor, or attached SHM_RDONLY).
+	SharedReadOnly bool `protobuf:"varint,15,opt,name=shared_read_only,json=sharedReadOnly,proto3" json:"shared_read_only,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *VMA) Reset() {
@@ -1182,6 +1200,20 @@ func (x *VMA) GetFileSize() int64 {
 		return x.FileSize
 	}
 	return 0
+}
+
+func (x *VMA) GetShmem() uint32 {
+	if x != nil {
+		return x.Shmem
+	}
+	return 0
+}
+
+func (x *VMA) GetSharedReadOnly() bool {
+	if x != nil {
+		return x.SharedReadOnly
+	}
+	return false
 }
 
 // X86Regs mirrors struct user_regs_struct (NT_PRSTATUS).
@@ -1996,8 +2028,10 @@ func (x *FD) GetCloexec() bool {
 // FileTable holds every open file description of the dumped tree
 // (files.img). Descriptors that share a description share its id.
 type FileTable struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Files         []*File                `protobuf:"bytes,1,rep,name=files,proto3" json:"files,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Files []*File                `protobuf:"bytes,1,rep,name=files,proto3" json:"files,omitempty"`
+	// The shared memory objects of the tree (shmem.proto).
+	Shmem         []*Shmem `protobuf:"bytes,2,rep,name=shmem,proto3" json:"shmem,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2039,6 +2073,13 @@ func (x *FileTable) GetFiles() []*File {
 	return nil
 }
 
+func (x *FileTable) GetShmem() []*Shmem {
+	if x != nil {
+		return x.Shmem
+	}
+	return nil
+}
+
 type File struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -2061,7 +2102,14 @@ type File struct {
 	Pipe      *Pipe     `protobuf:"bytes,24,opt,name=pipe,proto3" json:"pipe,omitempty"`
 	Inotify   *Inotify  `protobuf:"bytes,25,opt,name=inotify,proto3" json:"inotify,omitempty"`
 	// For FILE_INET_SOCKET: the TCP or UDP socket (package netsock).
-	InetSocket    *InetSocket `protobuf:"bytes,26,opt,name=inet_socket,json=inetSocket,proto3" json:"inet_socket,omitempty"`
+	InetSocket *InetSocket `protobuf:"bytes,26,opt,name=inet_socket,json=inetSocket,proto3" json:"inet_socket,omitempty"`
+	// For FILE_MEMFD: the shared memory object (Shmem.id), a memfd or a
+	// deleted tmpfs file, whose open file description this is.
+	Shmem uint32 `protobuf:"varint,30,opt,name=shmem,proto3" json:"shmem,omitempty"`
+	// For FILE_UNIX_SOCKET: the unix domain socket (unix_socket.proto).
+	UnixSocket *UnixSocket `protobuf:"bytes,40,opt,name=unix_socket,json=unixSocket,proto3" json:"unix_socket,omitempty"`
+	// For FILE_FIFO: the named pipe's queued bytes.
+	Fifo          *Fifo `protobuf:"bytes,41,opt,name=fifo,proto3" json:"fifo,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2218,6 +2266,27 @@ func (x *File) GetInotify() *Inotify {
 func (x *File) GetInetSocket() *InetSocket {
 	if x != nil {
 		return x.InetSocket
+	}
+	return nil
+}
+
+func (x *File) GetShmem() uint32 {
+	if x != nil {
+		return x.Shmem
+	}
+	return 0
+}
+
+func (x *File) GetUnixSocket() *UnixSocket {
+	if x != nil {
+		return x.UnixSocket
+	}
+	return nil
+}
+
+func (x *File) GetFifo() *Fifo {
+	if x != nil {
+		return x.Fifo
 	}
 	return nil
 }
@@ -3003,7 +3072,7 @@ var File_image_proto protoreflect.FileDescriptor
 
 const file_image_proto_rawDesc = "" +
 	"\n" +
-	"\vimage.proto\x12\x0ephaul.image.v1\x1a\fsocket.proto\"\xdf\x03\n" +
+	"\vimage.proto\x12\x0ephaul.image.v1\x1a\fsocket.proto\x1a\vshmem.proto\x1a\x11unix_socket.proto\"\xdf\x03\n" +
 	"\tInventory\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12#\n" +
 	"\rphaul_version\x18\x02 \x01(\tR\fphaulVersion\x12%\n" +
@@ -3095,7 +3164,7 @@ const file_image_proto_rawDesc = "" +
 	"\aenv_end\x18\v \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\f \x01(\fR\x04auxv\x12\x12\n" +
 	"\x04vdso\x18\r \x01(\x04R\x04vdso\x12\x12\n" +
-	"\x04vvar\x18\x0e \x01(\x04R\x04vvar\"\xb9\x02\n" +
+	"\x04vvar\x18\x0e \x01(\x04R\x04vvar\"\xf9\x02\n" +
 	"\x03VMA\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +
@@ -3110,7 +3179,9 @@ const file_image_proto_rawDesc = "" +
 	" \x03(\rR\amadvise\x12\x14\n" +
 	"\x05shmid\x18\v \x01(\x04R\x05shmid\x12\x14\n" +
 	"\x05guard\x18\f \x01(\bR\x05guard\x12\x1b\n" +
-	"\tfile_size\x18\r \x01(\x03R\bfileSize\"\xfc\x03\n" +
+	"\tfile_size\x18\r \x01(\x03R\bfileSize\x12\x14\n" +
+	"\x05shmem\x18\x0e \x01(\rR\x05shmem\x12(\n" +
+	"\x10shared_read_only\x18\x0f \x01(\bR\x0esharedReadOnly\"\xfc\x03\n" +
 	"\aX86Regs\x12\x10\n" +
 	"\x03r15\x18\x01 \x01(\x04R\x03r15\x12\x10\n" +
 	"\x03r14\x18\x02 \x01(\x04R\x03r14\x12\x10\n" +
@@ -3183,9 +3254,10 @@ const file_image_proto_rawDesc = "" +
 	"\x02FD\x12\x0e\n" +
 	"\x02fd\x18\x01 \x01(\x05R\x02fd\x12\x17\n" +
 	"\afile_id\x18\x02 \x01(\rR\x06fileId\x12\x18\n" +
-	"\acloexec\x18\x03 \x01(\bR\acloexec\"7\n" +
+	"\acloexec\x18\x03 \x01(\bR\acloexec\"d\n" +
 	"\tFileTable\x12*\n" +
-	"\x05files\x18\x01 \x03(\v2\x14.phaul.image.v1.FileR\x05files\"\xe6\x04\n" +
+	"\x05files\x18\x01 \x03(\v2\x14.phaul.image.v1.FileR\x05files\x12+\n" +
+	"\x05shmem\x18\x02 \x03(\v2\x15.phaul.image.v1.ShmemR\x05shmem\"\xe3\x05\n" +
 	"\x04File\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12,\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x18.phaul.image.v1.FileKindR\x04kind\x12\x12\n" +
@@ -3207,7 +3279,11 @@ const file_image_proto_rawDesc = "" +
 	"\x04pipe\x18\x18 \x01(\v2\x14.phaul.image.v1.PipeR\x04pipe\x121\n" +
 	"\ainotify\x18\x19 \x01(\v2\x17.phaul.image.v1.InotifyR\ainotify\x12;\n" +
 	"\vinet_socket\x18\x1a \x01(\v2\x1a.phaul.image.v1.InetSocketR\n" +
-	"inetSocket\"=\n" +
+	"inetSocket\x12\x14\n" +
+	"\x05shmem\x18\x1e \x01(\rR\x05shmem\x12;\n" +
+	"\vunix_socket\x18( \x01(\v2\x1a.phaul.image.v1.UnixSocketR\n" +
+	"unixSocket\x12(\n" +
+	"\x04fifo\x18) \x01(\v2\x14.phaul.image.v1.FifoR\x04fifo\"=\n" +
 	"\aEventFD\x12\x14\n" +
 	"\x05count\x18\x01 \x01(\x04R\x05count\x12\x1c\n" +
 	"\tsemaphore\x18\x02 \x01(\bR\tsemaphore\"I\n" +
@@ -3263,7 +3339,7 @@ const file_image_proto_rawDesc = "" +
 	"\n" +
 	"HashedArea\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x18\n" +
-	"\adigests\x18\x02 \x03(\x06R\adigests*\xd0\x01\n" +
+	"\adigests\x18\x02 \x03(\x06R\adigests*\xf1\x01\n" +
 	"\aVMAKind\x12\x0f\n" +
 	"\vVMA_UNKNOWN\x10\x00\x12\x14\n" +
 	"\x10VMA_ANON_PRIVATE\x10\x01\x12\x13\n" +
@@ -3276,7 +3352,9 @@ const file_image_proto_rawDesc = "" +
 	"\bVMA_VVAR\x10\b\x12\x13\n" +
 	"\x0fVMA_VVAR_VCLOCK\x10\t\x12\x10\n" +
 	"\fVMA_VSYSCALL\x10\n" +
-	"*\x9b\x02\n" +
+	"\x12\r\n" +
+	"\tVMA_SHMEM\x10\v\x12\x10\n" +
+	"\fVMA_SYSV_SHM\x10\f*\x9b\x02\n" +
 	"\bFileKind\x12\x10\n" +
 	"\fFILE_UNKNOWN\x10\x00\x12\x10\n" +
 	"\fFILE_REGULAR\x10\x01\x12\x10\n" +
@@ -3352,7 +3430,10 @@ var file_image_proto_goTypes = []any{
 	(*PageRun)(nil),      // 30: phaul.image.v1.PageRun
 	(*TrackerState)(nil), // 31: phaul.image.v1.TrackerState
 	(*HashedArea)(nil),   // 32: phaul.image.v1.HashedArea
-	(*InetSocket)(nil),   // 33: phaul.image.v1.InetSocket
+	(*Shmem)(nil),        // 33: phaul.image.v1.Shmem
+	(*InetSocket)(nil),   // 34: phaul.image.v1.InetSocket
+	(*UnixSocket)(nil),   // 35: phaul.image.v1.UnixSocket
+	(*Fifo)(nil),         // 36: phaul.image.v1.Fifo
 }
 var file_image_proto_depIdxs = []int32{
 	4,  // 0: phaul.image.v1.Inventory.processes:type_name -> phaul.image.v1.ProcessEntry
@@ -3372,24 +3453,27 @@ var file_image_proto_depIdxs = []int32{
 	15, // 14: phaul.image.v1.Thread.pending:type_name -> phaul.image.v1.SigInfo
 	12, // 15: phaul.image.v1.Thread.altstack:type_name -> phaul.image.v1.SigAltStack
 	20, // 16: phaul.image.v1.FileTable.files:type_name -> phaul.image.v1.File
-	1,  // 17: phaul.image.v1.File.kind:type_name -> phaul.image.v1.FileKind
-	21, // 18: phaul.image.v1.File.eventfd:type_name -> phaul.image.v1.EventFD
-	23, // 19: phaul.image.v1.File.epoll:type_name -> phaul.image.v1.Epoll
-	24, // 20: phaul.image.v1.File.timerfd:type_name -> phaul.image.v1.TimerFD
-	25, // 21: phaul.image.v1.File.signalfd:type_name -> phaul.image.v1.SignalFD
-	28, // 22: phaul.image.v1.File.pipe:type_name -> phaul.image.v1.Pipe
-	26, // 23: phaul.image.v1.File.inotify:type_name -> phaul.image.v1.Inotify
-	33, // 24: phaul.image.v1.File.inet_socket:type_name -> phaul.image.v1.InetSocket
-	22, // 25: phaul.image.v1.Epoll.targets:type_name -> phaul.image.v1.EpollTarget
-	27, // 26: phaul.image.v1.Inotify.watches:type_name -> phaul.image.v1.InotifyWatch
-	30, // 27: phaul.image.v1.PageMap.runs:type_name -> phaul.image.v1.PageRun
-	2,  // 28: phaul.image.v1.PageRun.source:type_name -> phaul.image.v1.PageSource
-	32, // 29: phaul.image.v1.TrackerState.hashed:type_name -> phaul.image.v1.HashedArea
-	30, // [30:30] is the sub-list for method output_type
-	30, // [30:30] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	33, // 17: phaul.image.v1.FileTable.shmem:type_name -> phaul.image.v1.Shmem
+	1,  // 18: phaul.image.v1.File.kind:type_name -> phaul.image.v1.FileKind
+	21, // 19: phaul.image.v1.File.eventfd:type_name -> phaul.image.v1.EventFD
+	23, // 20: phaul.image.v1.File.epoll:type_name -> phaul.image.v1.Epoll
+	24, // 21: phaul.image.v1.File.timerfd:type_name -> phaul.image.v1.TimerFD
+	25, // 22: phaul.image.v1.File.signalfd:type_name -> phaul.image.v1.SignalFD
+	28, // 23: phaul.image.v1.File.pipe:type_name -> phaul.image.v1.Pipe
+	26, // 24: phaul.image.v1.File.inotify:type_name -> phaul.image.v1.Inotify
+	34, // 25: phaul.image.v1.File.inet_socket:type_name -> phaul.image.v1.InetSocket
+	35, // 26: phaul.image.v1.File.unix_socket:type_name -> phaul.image.v1.UnixSocket
+	36, // 27: phaul.image.v1.File.fifo:type_name -> phaul.image.v1.Fifo
+	22, // 28: phaul.image.v1.Epoll.targets:type_name -> phaul.image.v1.EpollTarget
+	27, // 29: phaul.image.v1.Inotify.watches:type_name -> phaul.image.v1.InotifyWatch
+	30, // 30: phaul.image.v1.PageMap.runs:type_name -> phaul.image.v1.PageRun
+	2,  // 31: phaul.image.v1.PageRun.source:type_name -> phaul.image.v1.PageSource
+	32, // 32: phaul.image.v1.TrackerState.hashed:type_name -> phaul.image.v1.HashedArea
+	33, // [33:33] is the sub-list for method output_type
+	33, // [33:33] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_image_proto_init() }
@@ -3398,6 +3482,8 @@ func file_image_proto_init() {
 		return
 	}
 	file_socket_proto_init()
+	file_shmem_proto_init()
+	file_unix_socket_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
