@@ -15,6 +15,7 @@ import (
 
 	"github.com/phaul/phaul/internal/testutil"
 	"github.com/phaul/phaul/internal/topology"
+	"github.com/phaul/phaul/netlock"
 )
 
 // The fault-injection matrix of live migration: each subtest of
@@ -57,6 +58,12 @@ type faultCase struct {
 	// serveArgs are added to phaul serve's command line; setup prepares
 	// them (it returns the arguments).
 	setup func(t *testing.T) []string
+	// migrateArgs are added to phaul migrate's command line.
+	migrateArgs []string
+	// deadline, when set, is the time phaul migrate must end in after
+	// the fault fired: the step deadline that ends the wait for a target
+	// that does not answer.
+	deadline time.Duration
 	// mem is the workload's memory (default 16M).
 	mem string
 	// fixture, when set, is the C fixture to migrate instead of the
@@ -127,6 +134,10 @@ func TestMigrateFault(t *testing.T) {
 			cause: `final state: target: .*(reset|EOF|closed|unavailable)`},
 		{name: "final-state/ctrl-c", serveFault: "target.Freeze@1=hang", during: ctrlC,
 			cause: `interrupted, .*final state: target: .*context canceled`},
+		// A target that keeps the connection but never answers: the
+		// step's deadline (--freeze-timeout) ends the wait.
+		{name: "final-state/hang", serveFault: "target.Freeze@1=hang", migrateArgs: freezeTimeout, deadline: 2 * time.Second,
+			cause: `final state: target: target did not answer Freeze within 2s; rolled back, the process runs here$`},
 		// Restore: the shadow takes the final state; ready, it waits for the commit.
 		{name: "restore/memory-refused", serveFault: "target.Restore@1=error:enomem",
 			cause: `restore on the target: .*cannot allocate memory`},
@@ -135,6 +146,23 @@ func TestMigrateFault(t *testing.T) {
 		{name: "restore/kill-target-when-ready", serveFault: "target.Restore.handled@1=exit", serveDies: true,
 			cause: `restore on the target: .*(reset|EOF|closed|unavailable)`},
 		{name: "restore/ctrl-c", serveFault: "target.Restore.handled@1=hang", during: ctrlC,
+			cause: `interrupted, .*restore on the target: .*context canceled`},
+		{name: "restore/hang", serveFault: "target.Restore@1=hang", migrateArgs: freezeTimeout, deadline: 2 * time.Second,
+			cause: `restore on the target: target did not answer Restore within 2s; rolled back, the process runs here$`},
+		// Ready (the shadow restored, waiting for the commit), then stuck
+		// for good: the target does not even notice the deadline.
+		{name: "restore/stall-when-ready", serveFault: "target.Restore.handled@1=stall", migrateArgs: freezeTimeout, deadline: 2 * time.Second,
+			cause: `restore on the target: target did not answer Restore within 2s; rolled back, the process runs here$`},
+		// A source that goes silent with the connection open: the target
+		// discards the shadow after --source-timeout. The source, back,
+		// is interrupted here; the late commit below is refused.
+		{name: "restore/source-silent", migrateFault: "source.Restore@1=hang", setup: sourceTimeout,
+			during: func(t *testing.T, r *faultRun) {
+				r.waitFault(t)
+				waitLine(t, r.serve.log, "its source went silent", 0)
+				waitNoCopy(t, r.serve, r.pid)
+				ctrlC(t, r)
+			},
 			cause: `interrupted, .*restore on the target: .*context canceled`},
 		// The commit window.
 		{name: "commit/kill-target-before-resume", serveFault: "target.Commit@1=exit", serveDies: true, want: unknownNowhere,
@@ -146,6 +174,17 @@ func TestMigrateFault(t *testing.T) {
 		{name: "commit/kill-source-after-answer", migrateFault: "source.Commit.answered@1=exit", want: unknownOnTarget,
 			cause: `^$`},
 		{name: "commit/ctrl-c", serveFault: "target.Commit@1=sleep:500ms", during: ctrlC, want: migrated},
+		// A commit never answered ends at its deadline, the outcome
+		// unknown: the target never got to it, or it did.
+		{name: "commit/hang", serveFault: "target.Commit@1=hang", migrateArgs: freezeTimeout, deadline: 2 * time.Second,
+			want: unknownNowhere, cause: `commit outcome unknown: target did not answer Commit within 2s; .*left stopped`},
+		{name: "commit/stall-after-resume", serveFault: "target.Commit.handled@1=stall", migrateArgs: freezeTimeout, deadline: 2 * time.Second,
+			want: unknownOnTarget, cause: `commit outcome unknown: target did not answer Commit within 2s; .*left stopped`},
+		// The source silent while the target is ready: the target
+		// discards the shadow, and refuses the commit that comes late;
+		// the original runs on.
+		{name: "commit/source-silent", migrateFault: "source.Commit@1=sleep:3s", setup: sourceTimeout,
+			cause: `refused the commit: .*discarded .*the source sent nothing for 1s`},
 		// After the commit: the process runs on the target.
 		{name: "confirm/kill-target", serveFault: "target.Confirm@1=exit", serveDies: true, want: migrated},
 	}
@@ -155,6 +194,14 @@ func TestMigrateFault(t *testing.T) {
 		})
 	}
 }
+
+// freezeTimeout makes phaul migrate wait 2 s for each answer of the
+// target.
+var freezeTimeout = []string{"--freeze-timeout", "2s"}
+
+// sourceTimeout makes phaul serve discard a migration whose source is
+// silent for 1 s.
+func sourceTimeout(*testing.T) []string { return []string{"--source-timeout", "1s"} }
 
 // smallSpillDir gives phaul serve a spill directory on a 1 MiB tmpfs and
 // little page memory: the spill file fills the disk.
@@ -217,10 +264,15 @@ func runFaultCase(t *testing.T, phaul string, n *topology.Network, port int, c f
 
 	// The migration that breaks.
 	start := time.Now()
-	r.migrate = startMigrate(t, phaul, src, r.serve.addr, r.pid, c.migrateFault)
+	r.migrate = startMigrate(t, phaul, src, r.serve.addr, r.pid, c.migrateFault, c.migrateArgs...)
 	r.errPath = r.migrate.errPath
-	if c.during != nil {
+	var firedAt time.Time
+	switch {
+	case c.during != nil:
 		c.during(t, r)
+	case c.deadline > 0:
+		r.waitFault(t)
+		firedAt = time.Now()
 	}
 	werr := r.migrate.wait(t)
 	stderr, _ := os.ReadFile(r.errPath)
@@ -240,6 +292,15 @@ func runFaultCase(t *testing.T, phaul string, n *topology.Network, port int, c f
 	default:
 		t.Logf("phaul migrate: %s", errLine)
 	}
+	if c.deadline > 0 {
+		// The deadline, then at most the Abort's own (answered at once
+		// by a target that hangs in one request only).
+		took := r.migrate.ended.Sub(firedAt)
+		t.Logf("phaul migrate ended %v after the fault", took.Round(time.Millisecond))
+		if took < c.deadline-100*time.Millisecond || took > c.deadline+3*time.Second {
+			t.Errorf("phaul migrate ended %v after the fault, want %v (+ slack)", took, c.deadline)
+		}
+	}
 
 	// Exactly one copy runs, and its memory is intact.
 	switch c.want {
@@ -247,6 +308,7 @@ func runFaultCase(t *testing.T, phaul string, n *topology.Network, port int, c f
 		waitNoCopy(t, r.serve, r.pid)
 		requireRunsHere(t, r.pid, false)
 		selfCheck(t, r.pid, r.wlLog)
+		r.serve.requireNoLocks(t)
 	case migrated:
 		waitGone(t, r.pid)
 		selfCheck(t, r.serve.copyOf(t, r.pid), r.wlLog)
@@ -260,6 +322,7 @@ func runFaultCase(t *testing.T, phaul string, n *topology.Network, port int, c f
 	case unknownNowhere:
 		requireStopped(t, r.pid)
 		waitNoCopy(t, r.serve, r.pid)
+		r.serve.requireNoLocks(t)
 		// The operator, seeing nothing on the target, resumes the
 		// original.
 		if err := syscall.Kill(r.pid, syscall.SIGCONT); err != nil {
@@ -313,13 +376,15 @@ type targetDaemon struct {
 	log  string
 	addr string
 	ns   string // the PID namespace, as /proc/PID/ns/pid reads
+	// netns is the network namespace's name.
+	netns string
 	// listening is the line number of the last "listening" log line.
 	listening int
 }
 
 func startTarget(t *testing.T, phaul string, h *topology.Host, port int, fault string, args ...string) *targetDaemon {
 	t.Helper()
-	d := &targetDaemon{log: filepath.Join(t.TempDir(), "serve.log"), addr: fmt.Sprintf("%s:%d", h.Addr, port)}
+	d := &targetDaemon{log: filepath.Join(t.TempDir(), "serve.log"), addr: fmt.Sprintf("%s:%d", h.Addr, port), netns: h.NS}
 	serve := append([]string{"--listen", d.addr, "--insecure", "-v"}, args...)
 	script := `p=$0; f=$1; shift
 PHAUL_FAULT="$f" "$p" serve "$@"
@@ -355,6 +420,24 @@ func (d *targetDaemon) requireAlive(t *testing.T) {
 	t.Helper()
 	if hasLine(d.log, "phaul serve exited") {
 		t.Fatalf("phaul serve exited\n%s", readTail(d.log))
+	}
+}
+
+// requireNoLocks fails the test when a network lock (nftables table) is
+// left in the target's network namespace.
+func (d *targetDaemon) requireNoLocks(t *testing.T) {
+	t.Helper()
+	ns, err := os.Open("/run/netns/" + d.netns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	ids, err := netlock.Locks(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ids) != 0 {
+		t.Errorf("network locks left on the target: %q", ids)
 	}
 }
 
@@ -458,12 +541,13 @@ type migrateProc struct {
 	cmd     *exec.Cmd
 	errPath string // its output
 	done    chan struct{}
-	err     error // of Wait, once done is closed
+	err     error     // of Wait, once done is closed
+	ended   time.Time // when Wait returned, once done is closed
 }
 
 // startMigrate starts phaul migrate on host h with fault armed; its output
 // goes to a file. The test's cleanup kills it if it still runs.
-func startMigrate(t *testing.T, phaul string, h *topology.Host, addr string, pid int, fault string) *migrateProc {
+func startMigrate(t *testing.T, phaul string, h *topology.Host, addr string, pid int, fault string, args ...string) *migrateProc {
 	t.Helper()
 	m := &migrateProc{errPath: filepath.Join(t.TempDir(), "migrate.out"), done: make(chan struct{})}
 	f, err := os.Create(m.errPath)
@@ -471,7 +555,8 @@ func startMigrate(t *testing.T, phaul string, h *topology.Host, addr string, pid
 		t.Fatal(err)
 	}
 	defer f.Close()
-	m.cmd = exec.Command("ip", "netns", "exec", h.NS, phaul, "migrate", "--to", addr, "--insecure", strconv.Itoa(pid))
+	m.cmd = exec.Command("ip", append(append([]string{"netns", "exec", h.NS, phaul, "migrate", "--to", addr, "--insecure"},
+		args...), strconv.Itoa(pid))...)
 	// A phaul killed by a fault leaves its temporary directory behind.
 	m.cmd.Env = append(environWithout("PHAUL_FAULT"), "TMPDIR="+t.TempDir())
 	if fault != "" {
@@ -484,6 +569,7 @@ func startMigrate(t *testing.T, phaul string, h *topology.Host, addr string, pid
 	}
 	go func() {
 		m.err = m.cmd.Wait()
+		m.ended = time.Now()
 		testutil.UnregisterChild(m.cmd.Process.Pid)
 		close(m.done)
 	}()

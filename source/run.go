@@ -50,6 +50,14 @@ type Config struct {
 	TCPEstablished bool
 	// Scripts are the operator's action scripts (nil: none).
 	Scripts *actionscript.Runner
+	// FreezeTimeout bounds the wait for each answer of the target
+	// (DefaultFreezeTimeout when 0): the final round's page batches, the
+	// final state (Freeze), the restore (Restore: the target is ready)
+	// and the Commit, while the original waits frozen, and every request
+	// of the rounds before. A step that times out before the commit rolls
+	// the migration back (the original runs on here); a Commit that times
+	// out leaves the outcome unknown (ErrCommitUnknown).
+	FreezeTimeout time.Duration
 	// Progress, when set, receives each round's figures as it ends.
 	Progress func(RoundReport)
 	Logger   *slog.Logger
@@ -142,6 +150,12 @@ func refuseEstablished(pid int) error {
 // commit the target discards what it built and the process runs on here as
 // before; after a successful commit the original is killed.
 func Run(ctx context.Context, cfg Config) (*Result, error) {
+	if cfg.FreezeTimeout == 0 {
+		cfg.FreezeTimeout = DefaultFreezeTimeout
+	}
+	if cfg.FreezeTimeout < 0 {
+		return nil, fmt.Errorf("migrate %d: negative freeze timeout %v", cfg.Pid, cfg.FreezeTimeout)
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -177,18 +191,26 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	defer cc.Close()
 	control := migrationpb.NewControlClient(cc)
 	host := hostinfo.Collect()
-	hello, err := control.Hello(ctx, protocol.NewHelloRequest(protocol.Local{
-		PhaulVersion: cfg.PhaulVersion, Host: host, Codecs: []pagestream.Codec{codec, pagestream.CodecNone},
-	}))
+	var hello *migrationpb.HelloResponse
+	err = call(ctx, "Hello", cfg.FreezeTimeout, func(ctx context.Context) (err error) {
+		hello, err = control.Hello(ctx, protocol.NewHelloRequest(protocol.Local{
+			PhaulVersion: cfg.PhaulVersion, Host: host, Codecs: []pagestream.Codec{codec, pagestream.CodecNone},
+		}))
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("migrate %d: hello: %w", cfg.Pid, err)
 	}
 	if err := protocol.CheckHelloResponse(hello); err != nil {
 		return nil, fmt.Errorf("migrate %d: %w", cfg.Pid, err)
 	}
-	started, err := control.StartMigration(ctx, &migrationpb.StartMigrationRequest{Pid: int32(cfg.Pid),
-		Options: &migrationpb.MigrationOptions{Codec: hello.GetCodec(), DowntimeBudgetNs: uint64(cfg.Policy.Downtime),
-			MaxRounds: uint32(cfg.Policy.MaxRounds), ShellJob: cfg.ShellJob}})
+	var started *migrationpb.StartMigrationResponse
+	err = call(ctx, "StartMigration", cfg.FreezeTimeout, func(ctx context.Context) (err error) {
+		started, err = control.StartMigration(ctx, &migrationpb.StartMigrationRequest{Pid: int32(cfg.Pid),
+			Options: &migrationpb.MigrationOptions{Codec: hello.GetCodec(), DowntimeBudgetNs: uint64(cfg.Policy.Downtime),
+				MaxRounds: uint32(cfg.Policy.MaxRounds), ShellJob: cfg.ShellJob}})
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("migrate %d: start: %w", cfg.Pid, err)
 	}
@@ -197,6 +219,14 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err != nil {
 		if !errors.Is(err, ErrCommitUnknown) && !errors.Is(err, ErrCommitRefused) {
 			m.abort(err.Error())
+			if errors.Is(err, ErrTargetTimeout) {
+				// Say what became of the process: the user waited
+				// for a target that did not answer.
+				if m.resumeErr != nil {
+					return nil, fmt.Errorf("migrate %d: %w; rolled back, but resuming the original failed: %v", cfg.Pid, err, m.resumeErr)
+				}
+				return nil, fmt.Errorf("migrate %d: %w; rolled back, the process runs here", cfg.Pid, err)
+			}
 		}
 		return nil, fmt.Errorf("migrate %d: %w", cfg.Pid, err)
 	}
@@ -212,18 +242,57 @@ type migration struct {
 	control migrationpb.ControlClient
 	xsave   uint64
 	layout  []byte // the layout the target has (last BeginRound)
+	// streamCtx is the page stream's context; its cause is a
+	// *TimeoutError when watchPages aborted the stream.
+	streamCtx context.Context
+	// resumeErr is the error of resuming the original in a rollback.
+	resumeErr error
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // abort tells the target to discard the migration (best effort: a target
-// that is gone has discarded it already).
+// that is gone has discarded it already, one that does not answer within
+// abortTimeout discards it when the connection ends).
 func (m *migration) abort(reason string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), min(abortTimeout, m.cfg.FreezeTimeout))
 	defer cancel()
 	if _, err := m.control.Abort(ctx, &migrationpb.AbortRequest{MigrationId: m.id, Reason: reason}); err != nil {
 		m.log.Warn("abort on the target failed", "err", err)
 	}
+}
+
+// untrack removes the dirty tracking that Hold left registered in the
+// original (its userfaultfd, parked in the process, and the write-protect
+// registrations), once the original runs again after a rollback: it is
+// taken up from dir and stopped, which stops the process a moment for one
+// injected close. It is not done when the commit's outcome is unknown:
+// the original then stays stopped by SIGSTOP, and injecting into it would
+// need ptrace on a process stopped by job control.
+func (m *migration) untrack(dir string) {
+	t, err := tracker.Resume(context.Background(), m.cfg.Pid, dir, tracker.Options{Logger: m.log})
+	if err == nil {
+		err = t.Stop()
+	}
+	if err != nil {
+		m.log.Warn("remove the tracking from the original", "err", err)
+	}
+}
+
+// call sends one request of step to the target, with the step deadline.
+func (m *migration) call(ctx context.Context, step string, fn func(context.Context) error) error {
+	return call(ctx, step, m.cfg.FreezeTimeout, fn)
+}
+
+// pageErr returns the *TimeoutError that aborted the page stream when err
+// came from that abort, and err otherwise.
+func (m *migration) pageErr(err error) error {
+	var te *TimeoutError
+	if err != nil && errors.As(context.Cause(m.streamCtx), &te) && !errors.Is(err, ErrTargetTimeout) {
+		m.log.Debug("page stream aborted", "err", err)
+		return te
+	}
+	return err
 }
 
 // beginRound sends the process's layout for round, unless the target has
@@ -237,8 +306,11 @@ func (m *migration) beginRound(ctx context.Context, round int, vmas []*imagepb.V
 	if bytes.Equal(blob, m.layout) {
 		return nil
 	}
-	_, err = m.control.BeginRound(ctx, &migrationpb.BeginRoundRequest{MigrationId: m.id, Round: uint32(round),
-		Layouts: []*migrationpb.ProcessBlob{{Pid: int32(m.cfg.Pid), Image: blob}}, XsaveFeatures: m.xsave})
+	err = m.call(ctx, "BeginRound", func(ctx context.Context) error {
+		_, err := m.control.BeginRound(ctx, &migrationpb.BeginRoundRequest{MigrationId: m.id, Round: uint32(round),
+			Layouts: []*migrationpb.ProcessBlob{{Pid: int32(m.cfg.Pid), Image: blob}}, XsaveFeatures: m.xsave})
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("round %d: target: %w", round, err)
 	}
@@ -246,7 +318,7 @@ func (m *migration) beginRound(ctx context.Context, round int, vmas []*imagepb.V
 	return nil
 }
 
-func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, codec pagestream.Codec) (*Result, error) {
+func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, codec pagestream.Codec) (_ *Result, rerr error) {
 	cfg := m.cfg
 	pid := int32(cfg.Pid)
 	t, err := tracker.Start(ctx, cfg.Pid, tracker.Options{Backend: cfg.Track, Logger: m.log})
@@ -261,11 +333,37 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 			}
 		}
 	}()
-	sender, err := pagestream.Open(ctx, pages, m.id, pagestream.SenderConfig{Codec: codec, Bandwidth: cfg.Bandwidth})
-	if err != nil {
-		return nil, err
+	// The page stream ends with the migration, or when the target leaves
+	// its batches unacknowledged (watchPages), or, after a failure, at
+	// once: a target that does not answer must not keep Close waiting.
+	streamCtx, stopStream := context.WithCancelCause(ctx)
+	defer stopStream(nil)
+	m.streamCtx = streamCtx
+	opening := time.AfterFunc(cfg.FreezeTimeout, func() {
+		stopStream(&TimeoutError{Step: "the page stream", After: cfg.FreezeTimeout})
+	})
+	sender, err := pagestream.Open(streamCtx, pages, m.id, pagestream.SenderConfig{Codec: codec, Bandwidth: cfg.Bandwidth})
+	if !opening.Stop() && err == nil {
+		_ = sender.Close() // opened as the deadline cancelled it
+		err = streamCtx.Err()
 	}
-	defer sender.Close()
+	if err != nil {
+		return nil, m.pageErr(err)
+	}
+	stopWatch := watchPages(sender, stallLimit(cfg.FreezeTimeout, cfg.Bandwidth), stopStream)
+	defer func() {
+		stopWatch()
+		failed := rerr != nil
+		if failed {
+			stopStream(errors.New("migration failed"))
+		}
+		// The final acknowledgement of a healthy target comes at once.
+		t := time.AfterFunc(cfg.FreezeTimeout, func() { stopStream(&TimeoutError{Step: stepPages, After: cfg.FreezeTimeout}) })
+		defer t.Stop()
+		if err := sender.Close(); err != nil && !failed {
+			m.log.Debug("close the page stream", "err", err)
+		}
+	}()
 	res := &Result{Pid: cfg.Pid, Tracker: t.Backend()}
 	var prev, deferred tracker.Ranges // recorded by the target; mapped too late for a round's layout
 	var rounds []Round
@@ -285,14 +383,17 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		t0 := time.Now()
 		r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev, Layout: layoutRanges(vmas), Deferred: deferred})
 		if err != nil {
-			return nil, fmt.Errorf("round %d: %w", round, err)
+			return nil, fmt.Errorf("round %d: %w", round, m.pageErr(err))
 		}
 		prev, deferred = r.Recorded, r.Deferred
 		d := sender.Stats().Sub(before)
 		took := time.Since(t0)
-		if _, err := m.control.RoundDone(ctx, &migrationpb.RoundDoneRequest{MigrationId: m.id, Stats: &migrationpb.RoundStats{
-			Round: uint32(round), PagesData: d.PagesData, PagesZero: d.PagesZero, BytesRaw: d.RawBytes, BytesWire: d.WireBytes,
-			DurationNs: uint64(took), PagesDirty: r.PagesDirty, Bandwidth: uint64(d.RawRate())}}); err != nil {
+		if err := m.call(ctx, "RoundDone", func(ctx context.Context) error {
+			_, err := m.control.RoundDone(ctx, &migrationpb.RoundDoneRequest{MigrationId: m.id, Stats: &migrationpb.RoundStats{
+				Round: uint32(round), PagesData: d.PagesData, PagesZero: d.PagesZero, BytesRaw: d.RawBytes, BytesWire: d.WireBytes,
+				DurationNs: uint64(took), PagesDirty: r.PagesDirty, Bandwidth: uint64(d.RawRate())}})
+			return err
+		}); err != nil {
 			return nil, fmt.Errorf("round %d: target: %w", round, err)
 		}
 		// What the next round will send is what was written while this one
@@ -348,7 +449,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 			before := sender.Stats()
 			r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev, Deferred: deferred})
 			if err != nil {
-				return fmt.Errorf("final round: %w", err)
+				return fmt.Errorf("final round: %w", m.pageErr(err))
 			}
 			final, finalStats = r, sender.Stats().Sub(before)
 			m.log.Debug("final round", "layout", layoutDone.Sub(lastStart), "scan", r.Scan, "copy", r.Copy, "pages", r.PagesWritten)
@@ -373,7 +474,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	}
 	scripts := cfg.Scripts.With(append(actionscript.SocketEnv(eps), "PHAUL_SIDE=source",
 		"PHAUL_PID="+strconv.Itoa(cfg.Pid), "PHAUL_MIGRATION_ID="+m.id, "PHAUL_TARGET="+cfg.Target)...)
-	done := false
+	done, held := false, false
 	defer func() {
 		if !done {
 			// The scripts first: a service address moved away comes back
@@ -384,7 +485,10 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 				m.log.Error("rollback", "err", err)
 			}
 			if err := fz.Resume(); err != nil {
+				m.resumeErr = err
 				m.log.Error("resume the original", "err", err)
+			} else if held {
+				m.untrack(dir)
 			}
 		}
 	}()
@@ -411,7 +515,10 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	if err != nil {
 		return nil, err
 	}
-	if _, err := m.control.Freeze(ctx, &migrationpb.FreezeRequest{MigrationId: m.id, State: st}); err != nil {
+	if err := m.call(ctx, "Freeze", func(ctx context.Context) error {
+		_, err := m.control.Freeze(ctx, &migrationpb.FreezeRequest{MigrationId: m.id, State: st})
+		return err
+	}); err != nil {
 		return nil, fmt.Errorf("final state: target: %w", err)
 	}
 	if err := runScript(actionscript.PostDump); err != nil {
@@ -420,8 +527,11 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	sent := time.Now()
 	res.Phases.StateMS = ms(sent.Sub(collected) - (scriptTime - lockScript))
 	res.Phases.ScriptsMS = ms(scriptTime)
-	rr, err := m.control.Restore(ctx, &migrationpb.RestoreRequest{MigrationId: m.id})
-	if err != nil {
+	var rr *migrationpb.RestoreResponse
+	if err := m.call(ctx, "Restore", func(ctx context.Context) (err error) {
+		rr, err = m.control.Restore(ctx, &migrationpb.RestoreRequest{MigrationId: m.id})
+		return err
+	}); err != nil {
 		return nil, fmt.Errorf("restore on the target: %w", err)
 	}
 	readyAt := time.Now()
@@ -429,30 +539,41 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	res.RestoreMS = float64(rr.GetRestoreNs()) / 1e6
 	// The commit window: from here an unanswered request leaves the
 	// outcome unknown, and the original must neither run nor die.
+	// Hold keeps the tracking registered (see m.untrack).
+	held = true
 	if err := fz.Hold(); err != nil { // let go from here on (Resume, or phaul dying), it stays stopped
 		return nil, err
 	}
-	cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cr, err := m.control.Commit(cctx, &migrationpb.CommitRequest{MigrationId: m.id})
+	// Not ctx: an interrupt must not cut the commit short; its deadline
+	// does.
+	var cr *migrationpb.CommitResponse
+	err = m.call(context.Background(), "Commit", func(ctx context.Context) (err error) {
+		cr, err = m.control.Commit(ctx, &migrationpb.CommitRequest{MigrationId: m.id})
+		return err
+	})
 	if status.Code(err) == codes.Aborted {
 		// Refused outright: nothing runs there. Roll back here.
 		done = true
 		if err := scripts.Run(context.Background(), actionscript.Rollback); err != nil {
 			m.log.Error("rollback", "err", err)
 		}
-		if rerr := fz.ResumeHeld(); rerr != nil {
-			m.log.Error("resume the original", "err", rerr)
+		if err := fz.ResumeHeld(); err != nil {
+			m.log.Error("resume the original", "err", err)
+		} else {
+			m.untrack(dir)
 		}
 		return nil, fmt.Errorf("%w: %v", ErrCommitRefused, status.Convert(err).Message())
 	}
-	if err != nil || !cr.GetResumed() {
+	if err == nil && !cr.GetResumed() {
+		err = errors.New("the target answered the commit without resuming the process")
+	}
+	if err != nil {
 		done = true
 		// Held: let go, it takes the SIGSTOP queued by Hold.
-		if rerr := fz.Resume(); rerr != nil {
-			m.log.Error("release the original", "err", rerr)
+		if err := fz.Resume(); err != nil {
+			m.log.Error("release the original", "err", err)
 		}
-		return nil, fmt.Errorf("%w: %v; the original (PID %d) is left stopped with SIGSTOP: check whether it runs on %s, then kill it here or resume it with SIGCONT",
+		return nil, fmt.Errorf("%w: %w; the original (PID %d) is left stopped with SIGSTOP: check whether it runs on %s, then kill it here or resume it with SIGCONT",
 			ErrCommitUnknown, err, cfg.Pid, cfg.Target)
 	}
 	res.Downtime = time.Since(frozenAt)
@@ -463,17 +584,20 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		m.log.Error("kill the original after commit", "err", err)
 	}
 	// The process runs there: what fails from here is reported, not
-	// undone.
-	if err := scripts.Run(cctx, actionscript.PostResume); err != nil {
+	// undone. The scripts have their own time limit.
+	if err := scripts.Run(context.Background(), actionscript.PostResume); err != nil {
 		m.log.Error("after the commit", "err", err)
 	}
 	if err := fz.Unlock(); err != nil {
 		m.log.Error("remove the network lock of the original", "err", err)
 	}
-	if err := scripts.Run(cctx, actionscript.NetworkUnlock); err != nil {
+	if err := scripts.Run(context.Background(), actionscript.NetworkUnlock); err != nil {
 		m.log.Error("after the commit", "err", err)
 	}
-	if _, err := m.control.Confirm(cctx, &migrationpb.ConfirmRequest{MigrationId: m.id}); err != nil {
+	if err := m.call(context.Background(), "Confirm", func(ctx context.Context) error {
+		_, err := m.control.Confirm(ctx, &migrationpb.ConfirmRequest{MigrationId: m.id})
+		return err
+	}); err != nil {
 		m.log.Warn("confirm", "err", err)
 	}
 	total := sender.Stats()

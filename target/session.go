@@ -34,7 +34,24 @@ type Config struct {
 	Logger   *slog.Logger
 	// Scripts are the operator's action scripts (nil: none).
 	Scripts *actionscript.Runner
+	// SourceTimeout is how long a migration's source may stay silent (no
+	// request, no page batch, none in progress) before the migration is
+	// discarded as if the connection had ended: a source that hangs but
+	// keeps the connection open (answering its keepalives) must not hold a
+	// shadow process and its network lock here for ever. 0 means
+	// DefaultSourceTimeout.
+	SourceTimeout time.Duration
 }
+
+// DefaultSourceTimeout is Config.SourceTimeout's default. A healthy source
+// is silent only while it works on its own between two requests: a round's
+// scan of a large process, an action script (a minute at most by default).
+// A source that is gone, or whose host is, ends the connection instead
+// (TCP, or the transport's keepalive within a minute).
+const DefaultSourceTimeout = 5 * time.Minute
+
+// maxEnded bounds the migrations a session remembers after their end.
+const maxEnded = 256
 
 // Session is the Control service of one connection.
 type Session struct {
@@ -45,6 +62,17 @@ type Session struct {
 	mu         sync.Mutex
 	hello      bool
 	migrations map[string]*migration
+	// ended remembers how migrations of this connection ended, so that a
+	// late request of the source gets a definite answer: above all a
+	// Commit after the migration was discarded, which must be refused
+	// (the source then resumes its original), never left unknown.
+	ended map[string]ending
+}
+
+// ending is how a migration ended.
+type ending struct {
+	committed bool
+	why       string
 }
 
 // NewSession returns the Control service for one connection.
@@ -52,7 +80,10 @@ func NewSession(cfg Config, log *slog.Logger) *Session {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Session{cfg: cfg, log: log, migrations: map[string]*migration{}}
+	if cfg.SourceTimeout == 0 {
+		cfg.SourceTimeout = DefaultSourceTimeout
+	}
+	return &Session{cfg: cfg, log: log, migrations: map[string]*migration{}, ended: map[string]ending{}}
 }
 
 // phase is where a migration stands on the target.
@@ -63,6 +94,7 @@ const (
 	frozen          // the final state arrived
 	ready           // restored, stopped, waiting for Commit
 	committed       // the process runs here
+	discarded       // rolled back before the commit; only forgetting is left
 )
 
 // migration is one migration's state on the target.
@@ -82,6 +114,43 @@ type migration struct {
 	// when a rollback runs the rollback scripts.
 	scripts *actionscript.Runner
 	locked  bool
+	// why the migration was discarded (phase discarded).
+	why string
+	// forgotten is set once forget has begun.
+	forgotten bool
+	// closed is closed when the migration is forgotten.
+	closed chan struct{}
+
+	// act guards the source's activity, which the silence watch reads.
+	act  sync.Mutex
+	busy int       // requests being handled
+	last time.Time // when the source was last heard of
+}
+
+// heard records that the source was heard of (a page batch, the end of a
+// request).
+func (m *migration) heard() {
+	m.act.Lock()
+	m.last = time.Now()
+	m.act.Unlock()
+}
+
+// silent reports whether the source has been silent for d, with no
+// request in progress.
+func (m *migration) silent(d time.Duration) bool {
+	m.act.Lock()
+	defer m.act.Unlock()
+	return m.busy == 0 && time.Since(m.last) >= d
+}
+
+// usable returns the error of a request to a migration that was discarded.
+//
+// Precondition: m.mu held.
+func (m *migration) usable() error {
+	if m.phase == discarded {
+		return status.Errorf(codes.Aborted, "the target discarded migration %q: %s", m.id, m.why)
+	}
+	return nil
 }
 
 // Hello implements migrationpb.ControlServer.
@@ -125,15 +194,18 @@ func (s *Session) StartMigration(_ context.Context, req *migrationpb.StartMigrat
 	_, _ = rand.Read(b[:])
 	id := fmt.Sprintf("%d-%s", req.GetPid(), hex.EncodeToString(b[:]))
 	m := &migration{id: id, store: store, log: s.log.With("migration", id),
-		shadows: map[int32]*engine.Shadow{}, final: map[int32]engine.State{}, scripts: s.cfg.Scripts}
+		shadows: map[int32]*engine.Shadow{}, final: map[int32]engine.State{}, scripts: s.cfg.Scripts,
+		closed: make(chan struct{}), last: time.Now()}
 	store.SetBatchHook(m.apply)
 	s.migrations[id] = m
+	go s.watch(m)
 	m.log.Info("migration started", "pid", req.GetPid(), "codec", pagestream.CodecName(req.GetOptions().GetCodec()))
 	return &migrationpb.StartMigrationResponse{MigrationId: id}, nil
 }
 
 // apply writes a verified batch into the shadow of its process.
 func (m *migration) apply(b *pagestream.Batch) error {
+	m.heard()
 	m.mu.Lock()
 	sh := m.shadows[b.Pid]
 	m.mu.Unlock()
@@ -153,15 +225,79 @@ func (m *migration) apply(b *pagestream.Batch) error {
 	})
 }
 
-// lookup returns a migration of this connection.
-func (s *Session) lookup(id string) (*migration, error) {
+// enter returns a migration of this connection for a request, which
+// counts as in progress (the source is not silent) until leave is called.
+// A migration that ended gives its ending's error.
+func (s *Session) enter(id string) (m *migration, leave func(), err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m := s.migrations[id]
+	m = s.migrations[id]
 	if m == nil {
-		return nil, status.Errorf(codes.NotFound, "unknown migration %q", id)
+		if e, ok := s.ended[id]; ok {
+			if e.committed {
+				return nil, nil, status.Errorf(codes.FailedPrecondition, "migration %q is over: the process runs here", id)
+			}
+			return nil, nil, status.Errorf(codes.Aborted, "the target discarded migration %q: %s", id, e.why)
+		}
+		return nil, nil, status.Errorf(codes.NotFound, "unknown migration %q", id)
 	}
-	return m, nil
+	m.act.Lock()
+	m.busy++
+	m.act.Unlock()
+	return m, func() {
+		m.act.Lock()
+		m.busy--
+		m.last = time.Now()
+		m.act.Unlock()
+	}, nil
+}
+
+// watch discards m once its source has been silent for the session's
+// SourceTimeout, until m is forgotten.
+func (s *Session) watch(m *migration) {
+	limit := s.cfg.SourceTimeout
+	t := time.NewTicker(min(max(limit/8, 10*time.Millisecond), time.Second))
+	defer t.Stop()
+	for {
+		select {
+		case <-m.closed:
+			return
+		case <-t.C:
+		}
+		if !m.silent(limit) || !m.mu.TryLock() {
+			continue // a request holds it: not silent
+		}
+		// Checked again under m.mu: a request that entered since then
+		// waits for m.mu, and finds the migration discarded.
+		if !m.silent(limit) {
+			m.mu.Unlock()
+			continue
+		}
+		why := fmt.Sprintf("the source sent nothing for %v", limit)
+		if m.phase != committed {
+			m.log.Warn("discarding the migration: its source went silent", "after", limit, "phase", m.phase.String())
+			m.rollbackLocked(why)
+		}
+		m.mu.Unlock()
+		s.forget(m, why)
+		return
+	}
+}
+
+func (p phase) String() string {
+	switch p {
+	case started:
+		return "rounds"
+	case frozen:
+		return "frozen"
+	case ready:
+		return "ready"
+	case committed:
+		return "committed"
+	case discarded:
+		return "discarded"
+	}
+	return fmt.Sprintf("phase(%d)", int(p))
 }
 
 // Store is the page service's lookup.
@@ -186,12 +322,16 @@ func decodeProcess(b []byte) (*imagepb.Process, error) {
 // BeginRound implements migrationpb.ControlServer: the shadow of each
 // process is created, or brought to the round's layout.
 func (s *Session) BeginRound(ctx context.Context, req *migrationpb.BeginRoundRequest) (*migrationpb.BeginRoundResponse, error) {
-	m, err := s.lookup(req.GetMigrationId())
+	m, leave, err := s.enter(req.GetMigrationId())
 	if err != nil {
 		return nil, err
 	}
+	defer leave()
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return nil, err
+	}
 	if m.phase != started {
 		return nil, status.Errorf(codes.FailedPrecondition, "begin round %d: the migration is past its rounds", req.GetRound())
 	}
@@ -227,10 +367,11 @@ func (s *Session) BeginRound(ctx context.Context, req *migrationpb.BeginRoundReq
 // RoundDone implements migrationpb.ControlServer: it reports what the
 // store holds.
 func (s *Session) RoundDone(_ context.Context, req *migrationpb.RoundDoneRequest) (*migrationpb.RoundDoneResponse, error) {
-	m, err := s.lookup(req.GetMigrationId())
+	m, leave, err := s.enter(req.GetMigrationId())
 	if err != nil {
 		return nil, err
 	}
+	defer leave()
 	st := m.store.Stats()
 	r := req.GetStats()
 	m.log.Info("round", "round", r.GetRound(), "pages", r.GetPagesData(), "zero", r.GetPagesZero(),
@@ -240,10 +381,11 @@ func (s *Session) RoundDone(_ context.Context, req *migrationpb.RoundDoneRequest
 
 // Freeze implements migrationpb.ControlServer: the final state arrives.
 func (s *Session) Freeze(_ context.Context, req *migrationpb.FreezeRequest) (*migrationpb.FreezeResponse, error) {
-	m, err := s.lookup(req.GetMigrationId())
+	m, leave, err := s.enter(req.GetMigrationId())
 	if err != nil {
 		return nil, err
 	}
+	defer leave()
 	st := req.GetState()
 	inv := &imagepb.Inventory{}
 	if err := proto.Unmarshal(st.GetInventory(), inv); err != nil {
@@ -259,6 +401,9 @@ func (s *Session) Freeze(_ context.Context, req *migrationpb.FreezeRequest) (*mi
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return nil, err
+	}
 	if m.phase != started {
 		return nil, status.Error(codes.FailedPrecondition, "freeze: already frozen")
 	}
@@ -290,12 +435,16 @@ func (s *Session) Freeze(_ context.Context, req *migrationpb.FreezeRequest) (*mi
 // Restore implements migrationpb.ControlServer: every shadow takes its
 // final state and waits, stopped, for Commit.
 func (s *Session) Restore(ctx context.Context, req *migrationpb.RestoreRequest) (*migrationpb.RestoreResponse, error) {
-	m, err := s.lookup(req.GetMigrationId())
+	m, leave, err := s.enter(req.GetMigrationId())
 	if err != nil {
 		return nil, err
 	}
+	defer leave()
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return nil, err
+	}
 	if m.phase != frozen {
 		return nil, status.Error(codes.FailedPrecondition, "restore: no final state")
 	}
@@ -320,15 +469,21 @@ func (s *Session) Restore(ctx context.Context, req *migrationpb.RestoreRequest) 
 // Commit implements migrationpb.ControlServer: the restored processes run.
 // A repeated Commit answers like the first.
 func (s *Session) Commit(_ context.Context, req *migrationpb.CommitRequest) (*migrationpb.CommitResponse, error) {
-	m, err := s.lookup(req.GetMigrationId())
+	m, leave, err := s.enter(req.GetMigrationId())
+	if status.Code(err) == codes.FailedPrecondition && s.committed(req.GetMigrationId()) {
+		return &migrationpb.CommitResponse{Resumed: true}, nil
+	}
 	if err != nil {
 		return nil, err
 	}
+	defer leave()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	switch m.phase {
 	case committed:
 		return &migrationpb.CommitResponse{Resumed: true}, nil
+	case discarded:
+		return nil, m.usable()
 	case ready:
 	default:
 		return nil, status.Error(codes.FailedPrecondition, "commit: not ready")
@@ -381,10 +536,11 @@ func reap(log *slog.Logger, pid int) {
 // Confirm implements migrationpb.ControlServer: the source killed the
 // original; the target forgets the migration.
 func (s *Session) Confirm(_ context.Context, req *migrationpb.ConfirmRequest) (*migrationpb.ConfirmResponse, error) {
-	m, err := s.lookup(req.GetMigrationId())
+	m, leave, err := s.enter(req.GetMigrationId())
 	if err != nil {
 		return nil, err
 	}
+	defer leave()
 	m.mu.Lock()
 	ok := m.phase == committed
 	m.mu.Unlock()
@@ -414,17 +570,41 @@ func (s *Session) Abort(_ context.Context, req *migrationpb.AbortRequest) (*migr
 	return &migrationpb.AbortResponse{}, nil
 }
 
-// forget drops a migration: shadows not committed are killed, pages freed.
-func (s *Session) forget(m *migration, why string) {
+// committed reports whether migration id of this connection ended
+// committed.
+func (s *Session) committed(id string) bool {
 	s.mu.Lock()
-	delete(s.migrations, m.id)
-	s.mu.Unlock()
+	defer s.mu.Unlock()
+	return s.ended[id].committed
+}
+
+// forget drops a migration: shadows not committed are killed, pages freed.
+// A request that comes later gets an answer from how it ended.
+// Idempotent.
+func (s *Session) forget(m *migration, why string) {
 	m.mu.Lock()
 	if m.phase != committed {
 		m.rollbackLocked(why)
 	}
 	m.shadows = nil
+	end := ending{committed: m.phase == committed, why: m.why}
+	first := !m.forgotten
+	m.forgotten = true
 	m.mu.Unlock()
+	if !first {
+		return
+	}
+	s.mu.Lock()
+	delete(s.migrations, m.id)
+	if len(s.ended) >= maxEnded {
+		for id := range s.ended {
+			delete(s.ended, id)
+			break
+		}
+	}
+	s.ended[m.id] = end
+	s.mu.Unlock()
+	close(m.closed)
 	st := m.store.Stats()
 	if err := m.store.Close(); err != nil {
 		m.log.Warn("close page store", "err", err)
@@ -437,8 +617,11 @@ func (s *Session) forget(m *migration, why string) {
 // network locks, so that the connections' address has left this host
 // before their packets meet no socket here. Idempotent.
 //
-// Precondition: m.mu held.
+// Precondition: m.mu held, m not committed.
 func (m *migration) rollbackLocked(why string) {
+	if m.phase != discarded {
+		m.phase, m.why = discarded, why
+	}
 	for _, sh := range m.shadows {
 		sh.Discard()
 	}

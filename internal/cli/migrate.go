@@ -20,7 +20,7 @@ func init() {
 	register(&command{
 		name:    "migrate",
 		summary: "move a running process to another host (phaul serve there), with a pause of milliseconds",
-		usage:   "--to HOST:PORT PID [--downtime 25ms] [--max-rounds N] [--bandwidth LIMIT] [--compress s2|zstd|none] [--track ...] [--tcp-established] [--action-script F]... [--tls-* F | --insecure] [--json]",
+		usage:   "--to HOST:PORT PID [--downtime 25ms] [--max-rounds N] [--bandwidth LIMIT] [--compress s2|zstd|none] [--track ...] [--tcp-established] [--action-script F]... [--freeze-timeout 30s] [--tls-* F | --insecure] [--json]",
 		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
 			to := fs.String("to", "", "address of the target's phaul serve, host:port (required)")
 			pol := source.DefaultPolicy()
@@ -33,6 +33,9 @@ func init() {
 			shell := fs.Bool("shell-job", false, "the process's terminal descriptors are re-bound on the target")
 			tcpEst := fs.Bool("tcp-established", false, "move established TCP connections too (held by a network lock while frozen; their address must follow the process, e.g. by an action script); without it such a process is refused")
 			scriptPaths := fs.StringArray("action-script", nil, actionScriptHelp("source", "network-lock, post-dump, post-resume, network-unlock, rollback"))
+			freezeTimeout := fs.Duration("freeze-timeout", source.DefaultFreezeTimeout, "how long to wait for each answer of the target while the process is frozen "+
+				"(the final round's pages, the final state, the restore, the commit) and for each request before: a target that does not answer in time "+
+				"is treated as failed; before the commit the migration rolls back and the process runs on here, a commit without an answer leaves it stopped for you to decide")
 			cert := fs.String("tls-cert", "", "client certificate (mutual TLS)")
 			key := fs.String("tls-key", "", "client key")
 			ca := fs.String("tls-ca", "", "CA that signed the target's certificate")
@@ -49,6 +52,9 @@ func init() {
 				}
 				if *to == "" {
 					return usageError("--to HOST:PORT is required")
+				}
+				if *freezeTimeout <= 0 {
+					return usageError("--freeze-timeout must be positive")
 				}
 				pol.Downtime, pol.MaxRounds = *downtime, *maxRounds
 				switch *onNoConverge {
@@ -77,7 +83,7 @@ func init() {
 				scripts.Logger = log
 				res, err := source.Run(ctx, source.Config{
 					Pid: pid, Target: *to, Insecure: *insecure, Policy: pol, Codec: *compress, Track: trackName, Bandwidth: bw,
-					ShellJob: *shell, TCPEstablished: *tcpEst, Scripts: scripts, Logger: log, PhaulVersion: Version,
+					ShellJob: *shell, TCPEstablished: *tcpEst, Scripts: scripts, Logger: log, PhaulVersion: Version, FreezeTimeout: *freezeTimeout,
 					TLS: transport.TLSFiles{CertFile: *cert, KeyFile: *key, CAFile: *ca},
 					Progress: func(r source.RoundReport) {
 						if r.Final {

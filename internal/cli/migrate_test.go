@@ -1,6 +1,9 @@
 package cli
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 func TestParseRate(t *testing.T) {
 	for _, c := range []struct {
@@ -17,6 +20,24 @@ func TestParseRate(t *testing.T) {
 	for _, bad := range []string{"", "fast", "-5M", "0", "M", "1T", "Inf"} {
 		if got, err := parseRate(bad); err == nil {
 			t.Errorf("parseRate(%q) = %v, want an error", bad, got)
+		}
+	}
+}
+
+func TestTimeoutFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"migrate", "--to", "127.0.0.1:1", "--freeze-timeout", "0s", "1"}, "--freeze-timeout must be positive"},
+		{[]string{"migrate", "--to", "127.0.0.1:1", "--freeze-timeout", "-1s", "1"}, "--freeze-timeout must be positive"},
+		{[]string{"serve", "--source-timeout", "0s"}, "--source-timeout must be positive"},
+		{[]string{"help", "migrate"}, "--freeze-timeout duration"},
+		{[]string{"help", "serve"}, "--source-timeout duration"},
+	} {
+		code, stdout, stderr := runCmd(tc.args...)
+		if out := stdout + stderr; !strings.Contains(out, tc.want) || (tc.args[0] != "help" && code != 2) {
+			t.Errorf("phaul %s: exit %d, output %q; want %q", strings.Join(tc.args, " "), code, out, tc.want)
 		}
 	}
 }

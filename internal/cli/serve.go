@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"time"
 
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
@@ -26,7 +27,7 @@ func init() {
 	register(&command{
 		name:    "serve",
 		summary: "run the migration target: accept migrations from `phaul migrate` on other hosts",
-		usage:   "[--listen ADDR] [--tls-cert F --tls-key F --tls-ca F] [--insecure] [--action-script F]... [--json-log] [-v]",
+		usage:   "[--listen ADDR] [--tls-cert F --tls-key F --tls-ca F] [--insecure] [--action-script F]... [--source-timeout 5m] [--json-log] [-v]",
 		flags: func(fs *pflag.FlagSet) func(context.Context, *Env, []string) error {
 			var o serveOptions
 			fs.StringVar(&o.listen, "listen", transport.DefaultListen,
@@ -41,6 +42,8 @@ func init() {
 			fs.StringVar(&o.spillDir, "spill-dir", "", "keep pages in an unlinked file in this directory when --page-memory is exhausted")
 			fs.CountVarP(&o.verbose, "verbose", "v", "log more (-v: debug)")
 			fs.StringArrayVar(&o.scripts, "action-script", nil, actionScriptHelp("target", "network-lock, pre-resume, network-unlock, post-resume, rollback"))
+			fs.DurationVar(&o.sourceTimeout, "source-timeout", target.DefaultSourceTimeout,
+				"discard a migration (kill its shadow process, remove its network lock) whose source sent nothing for this long while keeping the connection open; a source that is gone ends the connection sooner")
 			return func(ctx context.Context, env *Env, args []string) error {
 				if len(args) > 0 {
 					return usageError("unexpected argument %q", args[0])
@@ -53,6 +56,9 @@ func init() {
 					return usageError("--page-memory: %v", err)
 				}
 				o.pageMemoryBytes = mem
+				if o.sourceTimeout <= 0 {
+					return usageError("--source-timeout must be positive")
+				}
 				return runServe(ctx, env, o, nil)
 			}
 		},
@@ -71,6 +77,7 @@ type serveOptions struct {
 	spillDir        string
 	verbose         int
 	scripts         []string
+	sourceTimeout   time.Duration
 
 	// host returns this host's facts for Hello (tests replace it).
 	host func() *migrationpb.HostInfo
@@ -128,6 +135,8 @@ func runServe(ctx context.Context, env *Env, o serveOptions, ready func(net.Addr
 		budget:   pageserver.NewBudget(o.pageMemoryBytes),
 		spillDir: o.spillDir,
 		scripts:  scripts,
+
+		sourceTimeout: o.sourceTimeout,
 	}
 	if ready != nil {
 		ready(l.Addr())
@@ -155,6 +164,8 @@ type server struct {
 	budget   *pageserver.Budget
 	spillDir string
 	scripts  *actionscript.Runner
+	// sourceTimeout is target.Config.SourceTimeout.
+	sourceTimeout time.Duration
 }
 
 // session serves one connection: the Control and Pages services on gRPC
@@ -163,7 +174,7 @@ type server struct {
 func (s *server) session(ctx context.Context, sess *transport.Session) {
 	log := s.log.With("peer", sess.Peer().String())
 	ctl := target.NewSession(target.Config{Local: s.local, Budget: s.budget, SpillDir: s.spillDir,
-		Scripts: s.scripts.With("PHAUL_SOURCE=" + sess.Peer().String())}, log)
+		Scripts: s.scripts.With("PHAUL_SOURCE=" + sess.Peer().String()), SourceTimeout: s.sourceTimeout}, log)
 	defer ctl.Close()
 	pages, err := pageserver.NewService(pageserver.ServiceConfig{
 		Lookup: ctl.Store,

@@ -26,7 +26,11 @@
 //	             if the network had failed; the step then goes on
 //	sleep:DUR    the step waits DUR (a time.ParseDuration string) first
 //	hang         the step waits until its request is cancelled (forever
-//	             where there is no request)
+//	             where there is no request): a peer that never answers,
+//	             but notices the caller's deadline (gRPC sends it along)
+//	stall        the step never ends, whatever its request's deadline: a
+//	             peer stuck for good (in the kernel, say) that still
+//	             keeps its connection
 //	corrupt      (data points only) one byte of the data is flipped after
 //	             it was checksummed
 //

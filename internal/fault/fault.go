@@ -84,6 +84,10 @@ type point struct {
 // armed is nil unless PHAUL_FAULT is set; read-only after init.
 var armed map[string]*point
 
+// stalled is what a "stall" waits for: nil, which blocks for ever (a test
+// of this package sets a channel it closes).
+var stalled chan struct{}
+
 func init() {
 	spec := os.Getenv(Env)
 	if spec == "" {
@@ -126,7 +130,7 @@ func parse(spec string) (map[string]*point, error) {
 		action, arg, hasArg := strings.Cut(act, ":")
 		r.action = action
 		switch action {
-		case "exit", "cut", "hang":
+		case "exit", "cut", "hang", "stall":
 			if hasArg {
 				return nil, fmt.Errorf("%q: %s takes no argument", item, action)
 			}
@@ -149,7 +153,7 @@ func parse(spec string) (map[string]*point, error) {
 			}
 			r.dur = d
 		default:
-			return nil, fmt.Errorf("%q: unknown action %q (want exit, error, cut, sleep, hang or corrupt)", item, action)
+			return nil, fmt.Errorf("%q: unknown action %q (want exit, error, cut, sleep, hang, stall or corrupt)", item, action)
 		}
 		p := out[name]
 		if p == nil {
@@ -221,6 +225,9 @@ func hit(ctx context.Context, name string, data []byte) error {
 			}
 		case "hang":
 			<-ctx.Done()
+			return ctx.Err()
+		case "stall":
+			<-stalled // never closed outside tests
 			return ctx.Err()
 		case "corrupt":
 			if len(data) > 0 {

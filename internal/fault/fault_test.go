@@ -46,7 +46,7 @@ func TestParse(t *testing.T) {
 	for _, bad := range []string{
 		"target.Commit", "nowhere=exit", "target.Commit=explode", "target.Commit@0=exit",
 		"target.Commit@x=exit", "target.Commit=error:eperm", "target.Commit=sleep", "target.Commit=sleep:-1s",
-		"target.Commit=corrupt", "source.batch=corrupt:1", "target.Commit=exit:now", ",",
+		"target.Commit=corrupt", "source.batch=corrupt:1", "target.Commit=exit:now", ",", "target.Freeze=stall:1s",
 	} {
 		if _, err := parse(bad); err == nil {
 			t.Errorf("%q accepted", bad)
@@ -127,5 +127,30 @@ func TestCut(t *testing.T) {
 	_, err = c.Read(make([]byte, 1))
 	if !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("read after the cut: %v, want a reset", err)
+	}
+}
+
+// TestStall: a stall outlasts its request's cancellation (a hang does
+// not).
+func TestStall(t *testing.T) {
+	release := make(chan struct{})
+	stalled = release
+	t.Cleanup(func() { stalled = nil })
+	arm(t, "target.Freeze=stall,target.Restore=hang")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := PointContext(ctx, "target.Restore"); !errors.Is(err, context.Canceled) {
+		t.Errorf("hang with its request cancelled: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- PointContext(ctx, "target.Freeze") }()
+	select {
+	case err := <-done:
+		t.Fatalf("stall ended with its request cancelled: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(release)
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("stall released: %v", err)
 	}
 }

@@ -1,0 +1,225 @@
+package target
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/phaul/phaul/internal/hostinfo"
+	"github.com/phaul/phaul/pageserver"
+	"github.com/phaul/phaul/pagestream"
+	"github.com/phaul/phaul/protocol"
+	"github.com/phaul/phaul/protocol/migrationpb"
+)
+
+// newTestSession returns a session whose sources may stay silent for
+// limit, with a migration started on it (no shadow: the tests set its
+// phase).
+func newTestSession(t *testing.T, limit time.Duration) (*Session, string) {
+	t.Helper()
+	local := protocol.Local{PhaulVersion: "test", Host: hostinfo.Collect(), Codecs: pagestream.Codecs()}
+	s := NewSession(Config{Local: local, SourceTimeout: limit}, nil)
+	t.Cleanup(s.Close)
+	ctx := context.Background()
+	hello, err := s.Hello(ctx, protocol.NewHelloRequest(local))
+	if err != nil || !hello.GetAccepted() {
+		t.Fatalf("hello: %v %v", hello, err)
+	}
+	started, err := s.StartMigration(ctx, &migrationpb.StartMigrationRequest{Pid: 4242})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, started.GetMigrationId()
+}
+
+// held returns migration id of the session.
+func held(s *Session, id string) *migration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.migrations[id]
+}
+
+// alive reports whether the session still holds migration id.
+func alive(s *Session, id string) bool {
+	_, err := s.Store(id)
+	return err == nil
+}
+
+// waitForgotten waits until the session has forgotten migration id and
+// returns how long that took.
+func waitForgotten(t *testing.T, s *Session, id string, within time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for alive(s, id) {
+		if time.Since(start) > within {
+			t.Fatalf("migration %s still held after %v", id, within)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+// TestSilentSource: a migration whose source sends nothing is discarded
+// after the session's SourceTimeout, and the source's late requests get a
+// definite refusal naming why, not "unknown migration".
+func TestSilentSource(t *testing.T) {
+	const limit = 300 * time.Millisecond
+	s, id := newTestSession(t, limit)
+	m := held(s, id)
+	took := waitForgotten(t, s, id, 5*time.Second)
+	if took < limit-20*time.Millisecond || took > limit+time.Second {
+		t.Errorf("discarded after %v, want after about %v", took, limit)
+	}
+	select {
+	case <-m.closed:
+	default:
+		t.Error("the migration's watch was not told it ended")
+	}
+	ctx := context.Background()
+	_, err := s.RoundDone(ctx, &migrationpb.RoundDoneRequest{MigrationId: id})
+	if status.Code(err) != codes.Aborted || !strings.Contains(err.Error(), "the source sent nothing for 300ms") {
+		t.Errorf("a request after the discard: %v", err)
+	}
+	_, err = s.Commit(ctx, &migrationpb.CommitRequest{MigrationId: id})
+	if status.Code(err) != codes.Aborted {
+		t.Errorf("a commit after the discard: %v, want Aborted (a definite refusal)", err)
+	}
+	if _, err := s.Abort(ctx, &migrationpb.AbortRequest{MigrationId: id}); err != nil {
+		t.Errorf("abort after the discard: %v", err)
+	}
+	_, err = s.RoundDone(ctx, &migrationpb.RoundDoneRequest{MigrationId: "never"})
+	if status.Code(err) != codes.NotFound {
+		t.Errorf("an unknown migration: %v", err)
+	}
+}
+
+// TestSourceActivity: requests, page batches and a request in progress
+// keep a migration; the silence counts from the end of the last one.
+func TestSourceActivity(t *testing.T) {
+	const limit = 200 * time.Millisecond
+	ctx := context.Background()
+	t.Run("requests", func(t *testing.T) {
+		s, id := newTestSession(t, limit)
+		for end := time.Now().Add(3 * limit); time.Now().Before(end); time.Sleep(limit / 4) {
+			if _, err := s.RoundDone(ctx, &migrationpb.RoundDoneRequest{MigrationId: id}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitForgotten(t, s, id, 5*time.Second)
+	})
+	t.Run("pages", func(t *testing.T) {
+		s, id := newTestSession(t, limit)
+		m := held(s, id)
+		for end := time.Now().Add(3 * limit); time.Now().Before(end); time.Sleep(limit / 4) {
+			// What the page store's batch hook does first.
+			m.heard()
+			if !alive(s, id) {
+				t.Fatal("discarded while pages came")
+			}
+		}
+		waitForgotten(t, s, id, 5*time.Second)
+	})
+	t.Run("in-progress", func(t *testing.T) {
+		s, id := newTestSession(t, limit)
+		_, leave, err := s.enter(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(3 * limit)
+		if !alive(s, id) {
+			t.Fatal("discarded while a request was in progress")
+		}
+		leave()
+		if took := waitForgotten(t, s, id, 5*time.Second); took < limit-20*time.Millisecond {
+			t.Errorf("discarded %v after the request ended, want %v", took, limit)
+		}
+	})
+}
+
+// TestSilentSourceWhenReady: the silence watch discards a migration the
+// source left ready (the shadow restored, waiting for Commit); the Commit
+// that comes late is refused, so the source resumes its original. A
+// committed migration is only forgotten: a repeated Commit still says it
+// runs here.
+func TestSilentSourceWhenReady(t *testing.T) {
+	const limit = 200 * time.Millisecond
+	ctx := context.Background()
+	s, id := newTestSession(t, limit)
+	m := held(s, id)
+	m.mu.Lock()
+	m.phase = ready
+	m.mu.Unlock()
+	waitForgotten(t, s, id, 5*time.Second)
+	m.mu.Lock()
+	ph, why := m.phase, m.why
+	m.mu.Unlock()
+	if ph != discarded || !strings.Contains(why, "sent nothing") {
+		t.Errorf("phase %v (%q) after the discard", ph, why)
+	}
+	_, err := s.Commit(ctx, &migrationpb.CommitRequest{MigrationId: id})
+	if status.Code(err) != codes.Aborted || !strings.Contains(err.Error(), "discarded") {
+		t.Errorf("late commit: %v, want Aborted", err)
+	}
+
+	s2, id2 := newTestSession(t, limit)
+	m2 := held(s2, id2)
+	m2.mu.Lock()
+	m2.phase = ready
+	m2.mu.Unlock()
+	if resp, err := s2.Commit(ctx, &migrationpb.CommitRequest{MigrationId: id2}); err != nil || !resp.GetResumed() {
+		t.Fatalf("commit: %v %v", resp, err)
+	}
+	waitForgotten(t, s2, id2, 5*time.Second)
+	if resp, err := s2.Commit(ctx, &migrationpb.CommitRequest{MigrationId: id2}); err != nil || !resp.GetResumed() {
+		t.Errorf("repeated commit after the migration was forgotten: %v %v", resp, err)
+	}
+	if _, err := s2.Abort(ctx, &migrationpb.AbortRequest{MigrationId: id2}); err != nil {
+		t.Errorf("abort after the end: %v", err)
+	}
+}
+
+// TestSilentSourceRace: requests racing with the silence watch either
+// succeed on a live migration or get the discard's refusal; the watch
+// never discards a migration while a request is in progress.
+func TestSilentSourceRace(t *testing.T) {
+	const limit = 20 * time.Millisecond
+	ctx := context.Background()
+	for range 8 {
+		s, id := newTestSession(t, limit)
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range 30 {
+					_, err := s.RoundDone(ctx, &migrationpb.RoundDoneRequest{MigrationId: id})
+					if err != nil {
+						if status.Code(err) != codes.Aborted {
+							t.Errorf("request: %v", err)
+						}
+						return
+					}
+					time.Sleep(time.Duration(i%5) * 5 * time.Millisecond)
+				}
+			}()
+		}
+		wg.Wait()
+		waitForgotten(t, s, id, 5*time.Second)
+	}
+}
+
+func TestNewSessionDefaults(t *testing.T) {
+	s := NewSession(Config{}, nil)
+	if s.cfg.SourceTimeout != DefaultSourceTimeout {
+		t.Errorf("SourceTimeout %v", s.cfg.SourceTimeout)
+	}
+	if _, err := s.Store("x"); !errors.Is(err, pageserver.ErrUnknownMigration) {
+		t.Errorf("Store of an unknown migration: %v", err)
+	}
+}
