@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -250,26 +249,19 @@ func openDiag(pid int) (*diagConn, error) {
 		return nil, fmt.Errorf("network namespace of %d: %w", pid, err)
 	}
 	defer ns.Close()
-	type result struct {
-		fd  int
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		// Never unlocked: the thread leaves phaul's namespace and exits
-		// with this goroutine.
-		runtime.LockOSThread()
-		var r result
-		if r.err = sys.SetnsNet(int(ns.Fd())); r.err == nil {
-			r.fd, r.err = sys.NetlinkSockDiag()
+	fd := -1
+	err = sys.OnDiscardedThread(func() error {
+		if err := sys.SetnsNet(int(ns.Fd())); err != nil {
+			return err
 		}
-		ch <- r
-	}()
-	r := <-ch
-	if r.err != nil {
-		return nil, fmt.Errorf("sock_diag in the network namespace of %d: %w", pid, r.err)
+		var err error
+		fd, err = sys.NetlinkSockDiag()
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag in the network namespace of %d: %w", pid, err)
 	}
-	return &diagConn{fd: r.fd}, nil
+	return &diagConn{fd: fd}, nil
 }
 
 func (c *diagConn) close() { _ = sys.Close(c.fd) }

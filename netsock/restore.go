@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 
 	"github.com/phaul/phaul/internal/sys"
 )
@@ -286,27 +285,19 @@ func socketIn(ns *os.File, uid uint32, domain, typ, proto int) (int, error) {
 	if ns == nil && uid == uint32(os.Geteuid()) {
 		return sys.Socket(domain, typ, proto)
 	}
-	type result struct {
-		fd  int
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		// Never unlocked: the thread leaves phaul's namespace, so it must
-		// not run other goroutines; it exits with this one.
-		runtime.LockOSThread()
-		var r result
+	fd := -1
+	err := sys.OnDiscardedThread(func() error {
 		if ns != nil {
-			r.err = control(ns, func(nsfd int) error { return sys.SetnsNet(nsfd) })
+			if err := control(ns, func(nsfd int) error { return sys.SetnsNet(nsfd) }); err != nil {
+				return err
+			}
 		}
-		if r.err == nil {
-			r.err = sys.SetfsuidThread(uid)
+		if err := sys.SetfsuidThread(uid); err != nil {
+			return err
 		}
-		if r.err == nil {
-			r.fd, r.err = sys.Socket(domain, typ, proto)
-		}
-		ch <- r
-	}()
-	r := <-ch
-	return r.fd, r.err
+		var err error
+		fd, err = sys.Socket(domain, typ, proto)
+		return err
+	})
+	return fd, err
 }

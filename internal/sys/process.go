@@ -2,6 +2,7 @@ package sys
 
 import (
 	"errors"
+	"runtime"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -173,3 +174,17 @@ func Kcmp(pid1, pid2, typ int, idx1, idx2 uint64) (int, error) {
 
 // SetnsNet moves the calling thread into the network namespace behind fd.
 func SetnsNet(fd int) error { return wrap("setns", unix.Setns(fd, unix.CLONE_NEWNET)) }
+
+// OnDiscardedThread runs fn on an OS thread of its own that is thrown away
+// afterwards: fn may change what belongs to the thread (its network
+// namespace, its fsuid) without that reaching any other goroutine.
+// Descriptors fn creates may be used from anywhere.
+func OnDiscardedThread(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		// Never unlocked: the thread exits with this goroutine.
+		runtime.LockOSThread()
+		errc <- fn()
+	}()
+	return <-errc
+}

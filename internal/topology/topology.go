@@ -9,7 +9,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"strconv"
 	"strings"
 
@@ -208,24 +207,17 @@ func (h *Host) AnnounceAddr(addr string) error {
 // Sockets fn creates belong to that namespace; they may be used from any
 // goroutine afterwards. The thread is discarded after fn.
 func (h *Host) Do(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		// Never unlocked: the thread has left the process's namespace and
-		// must not run other goroutines; it exits with this one.
-		runtime.LockOSThread()
+	return sys.OnDiscardedThread(func() error {
 		f, err := os.Open("/run/netns/" + h.NS)
 		if err != nil {
-			errc <- err
-			return
+			return err
 		}
 		defer f.Close()
 		if err := sys.SetnsNet(int(f.Fd())); err != nil {
-			errc <- fmt.Errorf("enter %s: %w", h.NS, err)
-			return
+			return fmt.Errorf("enter %s: %w", h.NS, err)
 		}
-		errc <- fn()
-	}()
-	return <-errc
+		return fn()
+	})
 }
 
 func ip(ctx context.Context, args ...string) error {
