@@ -20,22 +20,40 @@ const PagesHeaderSize = 4096
 var pagesMagic = []byte("PHAULPGS")
 
 // encodePagesHeader returns the header block of the pages file of pid.
-func encodePagesHeader(pid int) []byte {
-	b := make([]byte, PagesHeaderSize)
-	le := binary.LittleEndian
-	copy(b, pagesMagic)
-	le.PutUint16(b[8:], Version)
-	le.PutUint32(b[12:], uint32(pid))
-	le.PutUint32(b[16:], crc32.Checksum(b[:16], castagnoli))
-	return b
-}
+func encodePagesHeader(pid int) []byte { return encodeDataHeader(pagesMagic, uint32(pid)) }
 
 // parsePagesHeader checks the header block b (the first bytes of a pages
 // file, possibly fewer than PagesHeaderSize) and returns the pid it names.
 func parsePagesHeader(b []byte) (int, error) {
-	n := min(len(b), len(pagesMagic))
-	if !bytes.Equal(b[:n], pagesMagic[:n]) {
-		return 0, fmt.Errorf("%w: file starts with %q, want %q", ErrBadMagic, b[:n], pagesMagic)
+	v, err := parseDataHeader(b, pagesMagic)
+	if err != nil {
+		return 0, err
+	}
+	if pid := int32(v); pid <= 0 {
+		return 0, corruptf("pid %d in header", pid)
+	}
+	return int(v), nil
+}
+
+// encodeDataHeader returns the header block of a data file (pages, or a
+// shared memory object's contents): magic, version, the number naming what
+// the file holds, and a CRC-32C of them, padded to PagesHeaderSize.
+func encodeDataHeader(magic []byte, id uint32) []byte {
+	b := make([]byte, PagesHeaderSize)
+	le := binary.LittleEndian
+	copy(b, magic)
+	le.PutUint16(b[8:], Version)
+	le.PutUint32(b[12:], id)
+	le.PutUint32(b[16:], crc32.Checksum(b[:16], castagnoli))
+	return b
+}
+
+// parseDataHeader checks the header block b of a data file with magic
+// (possibly fewer than PagesHeaderSize bytes) and returns its number.
+func parseDataHeader(b, magic []byte) (uint32, error) {
+	n := min(len(b), len(magic))
+	if !bytes.Equal(b[:n], magic[:n]) {
+		return 0, fmt.Errorf("%w: file starts with %q, want %q", ErrBadMagic, b[:n], magic)
 	}
 	if len(b) < PagesHeaderSize {
 		return 0, fmt.Errorf("%w: %d bytes, the header block alone is %d", ErrTruncated, len(b), PagesHeaderSize)
@@ -50,11 +68,7 @@ func parsePagesHeader(b []byte) (int, error) {
 	if le.Uint16(b[10:]) != 0 || !IsZero(b[20:PagesHeaderSize]) {
 		return 0, corruptf("reserved header bytes are not zero")
 	}
-	pid := int32(le.Uint32(b[12:]))
-	if pid <= 0 {
-		return 0, corruptf("pid %d in header", pid)
-	}
-	return int(pid), nil
+	return le.Uint32(b[12:]), nil
 }
 
 var zeroBlock [PageSize]byte

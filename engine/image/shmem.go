@@ -1,8 +1,6 @@
 package image
 
 import (
-	"bytes"
-	"encoding/binary"
 	"fmt"
 	"hash/crc32"
 	"io"
@@ -48,42 +46,17 @@ const MaxShmemSize = 1 << 46
 
 var shmemMagic = []byte("PHAULSHM")
 
-func encodeShmemHeader(id uint32) []byte {
-	b := make([]byte, PagesHeaderSize)
-	le := binary.LittleEndian
-	copy(b, shmemMagic)
-	le.PutUint16(b[8:], Version)
-	le.PutUint32(b[12:], id)
-	le.PutUint32(b[16:], crc32.Checksum(b[:16], castagnoli))
-	return b
-}
+func encodeShmemHeader(id uint32) []byte { return encodeDataHeader(shmemMagic, id) }
 
 // parseShmemHeader checks the header block b (the first bytes of a
 // shmem-ID.img, possibly fewer than PagesHeaderSize) and returns the
 // object id it names.
 func parseShmemHeader(b []byte) (uint32, error) {
-	n := min(len(b), len(shmemMagic))
-	if !bytes.Equal(b[:n], shmemMagic[:n]) {
-		return 0, fmt.Errorf("%w: file starts with %q, want %q", ErrBadMagic, b[:n], shmemMagic)
+	id, err := parseDataHeader(b, shmemMagic)
+	if err == nil && id == 0 {
+		err = corruptf("object id 0 in header")
 	}
-	if len(b) < PagesHeaderSize {
-		return 0, fmt.Errorf("%w: %d bytes, the header block alone is %d", ErrTruncated, len(b), PagesHeaderSize)
-	}
-	le := binary.LittleEndian
-	if v := le.Uint16(b[8:]); v != Version {
-		return 0, fmt.Errorf("%w: version %d, this phaul reads version %d", ErrVersion, v, Version)
-	}
-	if got, want := crc32.Checksum(b[:16], castagnoli), le.Uint32(b[16:]); got != want {
-		return 0, fmt.Errorf("%w: header CRC-32C is %#08x, header says %#08x", ErrChecksum, got, want)
-	}
-	if le.Uint16(b[10:]) != 0 || !IsZero(b[20:PagesHeaderSize]) {
-		return 0, corruptf("reserved header bytes are not zero")
-	}
-	id := le.Uint32(b[12:])
-	if id == 0 {
-		return 0, corruptf("object id 0 in header")
-	}
-	return id, nil
+	return id, err
 }
 
 // ShmemWriter writes the contents of one shared memory object into
