@@ -148,6 +148,7 @@ func buildAll() {
 	cc("unsupported", "unsupported.c")
 	cc("bigmem", "bigmem.c")
 	cc("treemem", "treemem.c")
+	cc("slowaccept", "slowaccept.c")
 	cc("churn", "churn.c")
 	build("go", func() artifact {
 		err := testutil.CompileGo(filepath.Join(testdata, "goworkload"), out("goworkload"))
