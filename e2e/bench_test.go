@@ -180,17 +180,8 @@ func benchRestoreTree(b *testing.B, procs, mib int) {
 // descendants returns the PIDs of every descendant of pid.
 func descendants(pid int) []int {
 	var out []int
-	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
-	for _, t := range tasks {
-		b, err := os.ReadFile(t)
-		if err != nil {
-			continue
-		}
-		for _, f := range strings.Fields(string(b)) {
-			if kid, err := strconv.Atoi(f); err == nil {
-				out = append(append(out, kid), descendants(kid)...)
-			}
-		}
+	for _, kid := range treeChildPids(pid) {
+		out = append(append(out, kid), descendants(kid)...)
 	}
 	return out
 }
