@@ -48,6 +48,14 @@ type Config struct {
 	SpillDir string
 	// SpillLimit bounds the spill file in bytes (0: only the disk does).
 	SpillLimit int64
+	// StateOnly makes the store record what it knows of each page (data,
+	// zero, absent) and the rounds, but not the data itself: the batch
+	// hook takes the bytes (a target writing them straight into its
+	// shadow process needs no second copy). Data pages are still charged
+	// to the Budget, a page size each, since they take memory where the
+	// hook puts them; there is no spilling. Walk reports data extents
+	// without Data and ReadPage copies nothing.
+	StateOnly bool
 }
 
 // State is what the store knows about one page.
@@ -108,6 +116,7 @@ type Store struct {
 	budget    *Budget
 	spillDir  string
 	spillMax  int64
+	stateOnly bool
 
 	mu     sync.RWMutex
 	procs  map[int32]*proc
@@ -155,6 +164,9 @@ func NewStore(cfg Config) (*Store, error) {
 	if cfg.PageSize < 512 || cfg.PageSize&(cfg.PageSize-1) != 0 || cfg.PageSize > 1<<20 {
 		return nil, fmt.Errorf("page store: page size %d is not a power of two in [512, 1 MiB]", cfg.PageSize)
 	}
+	if cfg.StateOnly && cfg.SpillDir != "" {
+		return nil, fmt.Errorf("page store: a spill directory with a store that keeps no data")
+	}
 	if cfg.SpillLimit < 0 {
 		return nil, fmt.Errorf("page store: negative spill limit %d", cfg.SpillLimit)
 	}
@@ -171,6 +183,7 @@ func NewStore(cfg Config) (*Store, error) {
 		budget:    cfg.Budget,
 		spillDir:  cfg.SpillDir,
 		spillMax:  cfg.SpillLimit,
+		stateOnly: cfg.StateOnly,
 		procs:     map[int32]*proc{},
 	}, nil
 }
@@ -312,6 +325,18 @@ func (s *Store) plan(p *proc, b *pagestream.Batch) (pl []growth, err error) {
 			}
 		})
 	}
+	if s.stateOnly {
+		pages := 0
+		for _, c := range count {
+			pages += c
+		}
+		extra := int64(pages) * int64(s.ps)
+		if !s.reserve(extra) {
+			return nil, fmt.Errorf("%w: memory budget exhausted (%d bytes used)", ErrNoSpace, s.budget.Used())
+		}
+		charged += extra
+		return need, nil // growth without slots: apply only creates blocks
+	}
 	for k := range need {
 		blk := p.blocks[need[k].key]
 		cur, used := 0, 0
@@ -394,7 +419,11 @@ func (s *Store) apply(p *proc, b *pagestream.Batch, pl []growth) error {
 					p.blocks[key] = blk
 				}
 				m := mask(i, n)
-				p.data -= uint64(bits.OnesCount64(blk.has & m))
+				dropped := bits.OnesCount64(blk.has & m)
+				p.data -= uint64(dropped)
+				if s.stateOnly {
+					s.unreserve(int64(dropped) * int64(ps))
+				}
 				for j := i; j < i+n; j++ {
 					if blk.has&(1<<j) != 0 && blk.file < 0 {
 						blk.used &^= 1 << (blk.slot[j] - 1)
@@ -423,13 +452,16 @@ func (s *Store) apply(p *proc, b *pagestream.Batch, pl []growth) error {
 			p.zero -= uint64(bits.OnesCount64(m & blk.zero))
 			src := b.Data[off : off+n*ps]
 			off += n * ps
-			if blk.file >= 0 {
+			switch {
+			case s.stateOnly:
+				// The hook keeps the bytes.
+			case blk.file >= 0:
 				if werr == nil {
 					if _, err := s.spill.Load().f.WriteAt(src, blk.file+int64(i*ps)); err != nil {
 						werr = fmt.Errorf("write spill file: %w", err)
 					}
 				}
-			} else {
+			default:
 				for j := range n {
 					pg := i + j
 					if blk.has&(1<<pg) == 0 {
@@ -589,7 +621,7 @@ func (s *Store) Round(pid int32) (uint32, bool) {
 // Walk calls fn for the extents of pid in increasing address order: each
 // maximal run of zero pages, and each run of data pages (a data extent
 // never spans two 64-page blocks, so adjacent data extents may follow each
-// other). Absent pages are skipped. Applying batches of pid waits until
+// other; in a StateOnly store they have no Data). Absent pages are skipped. Applying batches of pid waits until
 // Walk returns; fn must not call Apply for pid. Walk stops at fn's first
 // error and returns it.
 func (s *Store) Walk(pid int32, fn func(Extent) error) error {
@@ -643,11 +675,13 @@ func (s *Store) Walk(pid int32, fn func(Extent) error) error {
 					return err
 				}
 				j := i + 1
-				for j < blockPages && blk.has&(1<<j) != 0 && (blk.file >= 0 || blk.slot[j] == blk.slot[j-1]+1) {
+				for j < blockPages && blk.has&(1<<j) != 0 && (s.stateOnly || blk.file >= 0 || blk.slot[j] == blk.slot[j-1]+1) {
 					j++
 				}
 				var data []byte
-				if blk.file >= 0 {
+				switch {
+				case s.stateOnly:
+				case blk.file >= 0:
 					if scratch == nil {
 						scratch = make([]byte, s.blockSize)
 					}
@@ -655,7 +689,7 @@ func (s *Store) Walk(pid int32, fn func(Extent) error) error {
 					if _, err := s.spill.Load().f.ReadAt(data, blk.file+int64(i*s.ps)); err != nil {
 						return fmt.Errorf("walk pages of %d: read spill file: %w", pid, err)
 					}
-				} else {
+				default:
 					sl := int(blk.slot[i] - 1)
 					data = blk.mem[sl*s.ps : (sl+j-i)*s.ps : (sl+j-i)*s.ps]
 				}
@@ -672,7 +706,8 @@ func (s *Store) Walk(pid int32, fn func(Extent) error) error {
 }
 
 // ReadPage copies the page at addr of pid into dst (one page long) when
-// the store holds its data, and returns the page's state.
+// the store holds its data, and returns the page's state. A StateOnly
+// store leaves dst alone.
 func (s *Store) ReadPage(pid int32, addr uint64, dst []byte) (State, error) {
 	if addr%uint64(s.ps) != 0 || len(dst) != s.ps {
 		return Absent, fmt.Errorf("read page %#x of %d: want an aligned address and a %d-byte buffer", addr, pid, s.ps)
@@ -699,6 +734,7 @@ func (s *Store) ReadPage(pid int32, addr uint64, dst []byte) (State, error) {
 		return Zero, nil
 	case blk.has&(1<<i) == 0:
 		return Absent, nil
+	case s.stateOnly:
 	case blk.file >= 0:
 		if _, err := s.spill.Load().f.ReadAt(dst, blk.file+int64(i*s.ps)); err != nil {
 			return Absent, fmt.Errorf("read page %#x of %d: read spill file: %w", addr, pid, err)

@@ -539,6 +539,7 @@ func TestConfig(t *testing.T) {
 		{PageSize: 1000},
 		{SpillLimit: -1},
 		{SpillDir: "/nonexistent/phaul"},
+		{StateOnly: true, SpillDir: os.TempDir()},
 	} {
 		if _, err := pageserver.NewStore(cfg); err == nil {
 			t.Errorf("config %+v accepted", cfg)
@@ -547,5 +548,70 @@ func TestConfig(t *testing.T) {
 	s := newStore(t, pageserver.Config{PageSize: 16384})
 	if err := s.Apply(batch(t, 1, 0, []pagestream.Run{{Addr: 0, Pages: 1}}, fill(1, 1))); err == nil {
 		t.Error("batch of another page size applied")
+	}
+}
+
+// A StateOnly store follows every page's state and charges data pages to
+// the budget without keeping a byte: the hook has them.
+func TestStateOnly(t *testing.T) {
+	budget := pageserver.NewBudget(100 * ps)
+	s := newStore(t, pageserver.Config{Budget: budget, StateOnly: true})
+	var hooked uint64
+	s.SetBatchHook(func(b *pagestream.Batch) error {
+		hooked += b.DataPages()
+		return nil
+	})
+	apply(t, s, batch(t, 1, 0, []pagestream.Run{{Addr: 0, Pages: 64}, {Addr: 64 * ps, Pages: 8, Kind: pagestream.Zero}}, fill(1, 64)))
+	// Rewriting pages the store has costs nothing more; new ones do.
+	apply(t, s, batch(t, 1, 1, []pagestream.Run{{Addr: 2 * ps, Pages: 4}, {Addr: 64 * ps, Pages: 2}}, fill(2, 6)))
+	if hooked != 70 {
+		t.Errorf("hook saw %d data pages, want 70", hooked)
+	}
+	if st := s.Stats(); st.PagesData != 66 || st.PagesZero != 6 {
+		t.Errorf("stats %+v, want 66 data and 6 zero pages", st)
+	}
+	if used := budget.Used(); used < 66*ps || used > 66*ps+4096 {
+		t.Errorf("budget charged %d bytes for 66 pages of %d", used, ps)
+	}
+	// Over the budget: refused whole, nothing changes.
+	before := s.Stats()
+	err := s.Apply(batch(t, 1, 2, []pagestream.Run{{Addr: 0, Pages: 1}, {Addr: 1 << 30, Pages: 40}}, fill(3, 41)))
+	if !errors.Is(err, pageserver.ErrNoSpace) {
+		t.Fatalf("over budget: %v", err)
+	}
+	if after := s.Stats(); after != before {
+		t.Errorf("refused batch changed the store: %+v → %+v", before, after)
+	}
+	// Zero and gone pages give their charge back.
+	apply(t, s, batch(t, 1, 2, []pagestream.Run{{Addr: 0, Pages: 32, Kind: pagestream.Zero}, {Addr: 32 * ps, Pages: 32, Kind: pagestream.Gone}}, nil))
+	if st := s.Stats(); st.PagesData != 2 || st.PagesZero != 38 {
+		t.Errorf("stats %+v, want 2 data and 38 zero pages", st)
+	}
+	if used := budget.Used(); used >= 66*ps || used < 2*ps {
+		t.Errorf("budget still charged %d bytes for 2 pages", used)
+	}
+	var extents []string
+	err = s.Walk(1, func(e pageserver.Extent) error {
+		if e.Data != nil {
+			return fmt.Errorf("extent %#x has data in a state-only store", e.Addr)
+		}
+		extents = append(extents, fmt.Sprintf("%#x+%d zero=%v", e.Addr, e.Pages, e.Zero))
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "[0x0+32 zero=true 0x40000+2 zero=false 0x42000+6 zero=true]"; fmt.Sprint(extents) != want {
+		t.Errorf("walk %v, want %v", extents, want)
+	}
+	buf := bytes.Repeat([]byte{0xaa}, ps)
+	if st, err := s.ReadPage(1, 64*ps, buf); err != nil || st != pageserver.Data || buf[0] != 0xaa {
+		t.Errorf("read page: %v, %v, buffer touched: %v", st, err, buf[0] != 0xaa)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if used := budget.Used(); used != 0 {
+		t.Errorf("closed store keeps %d bytes of the budget", used)
 	}
 }

@@ -28,10 +28,9 @@ import (
 
 // Config is what every session of a daemon shares.
 type Config struct {
-	Local    protocol.Local
-	Budget   *pageserver.Budget
-	SpillDir string
-	Logger   *slog.Logger
+	Local  protocol.Local
+	Budget *pageserver.Budget
+	Logger *slog.Logger
 	// Scripts are the operator's action scripts (nil: none).
 	Scripts *actionscript.Runner
 	// SourceTimeout is how long a migration's source may stay silent (no
@@ -185,7 +184,8 @@ func (s *Session) StartMigration(_ context.Context, req *migrationpb.StartMigrat
 	store, err := pageserver.NewStore(pageserver.Config{
 		PageSize: int(s.cfg.Local.Host.GetPageSize()),
 		Budget:   s.cfg.Budget,
-		SpillDir: s.cfg.SpillDir,
+		// The shadows hold the pages: the store only follows them.
+		StateOnly: true,
 	})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "start migration: %v", err)

@@ -38,8 +38,7 @@ func init() {
 			fs.BoolVar(&o.insecure, "insecure", false, "allow connections without TLS off loopback (anyone reaching the port can migrate onto this host)")
 			fs.BoolVar(&o.jsonLog, "json-log", false, "log JSON lines instead of text")
 			fs.IntVar(&o.maxSessions, "max-sessions", transport.DefaultMaxSessions, "connections served at once; more are refused")
-			fs.StringVar(&o.pageMemory, "page-memory", "0", "memory for received pages, all migrations together (e.g. 8G; 0: no limit)")
-			fs.StringVar(&o.spillDir, "spill-dir", "", "keep pages in an unlinked file in this directory when --page-memory is exhausted")
+			fs.StringVar(&o.pageMemory, "page-memory", "0", "memory that received pages may take in the processes being rebuilt here, all migrations together; a migration that needs more is refused (e.g. 8G; 0: no limit)")
 			fs.CountVarP(&o.verbose, "verbose", "v", "log more (-v: debug)")
 			fs.StringArrayVar(&o.scripts, "action-script", nil, actionScriptHelp("target", "network-lock, pre-resume, network-unlock, post-resume, rollback"))
 			fs.DurationVar(&o.sourceTimeout, "source-timeout", target.DefaultSourceTimeout,
@@ -74,7 +73,6 @@ type serveOptions struct {
 	maxSessions     int
 	pageMemory      string
 	pageMemoryBytes int64
-	spillDir        string
 	verbose         int
 	scripts         []string
 	sourceTimeout   time.Duration
@@ -99,9 +97,6 @@ func serveLogger(env *Env, jsonLog bool, verbose int) *slog.Logger {
 // called with the bound address once the listener is up.
 func runServe(ctx context.Context, env *Env, o serveOptions, ready func(net.Addr)) error {
 	log := serveLogger(env, o.jsonLog, o.verbose)
-	if o.spillDir != "" && o.pageMemoryBytes == 0 {
-		log.Warn("--spill-dir has no effect without --page-memory")
-	}
 	cfg := transport.ServerConfig{
 		Listen:      o.listen,
 		MaxSessions: o.maxSessions,
@@ -130,11 +125,10 @@ func runServe(ctx context.Context, env *Env, o serveOptions, ready func(net.Addr
 	log.Info("host", "kernel", h.GetKernelRelease(), "xsave", fmt.Sprintf("%#x", h.GetXsaveFeatures()),
 		"cpu", h.GetCpuModel(), "features", len(h.GetKernelFeatures()))
 	srv := &server{
-		local:    local,
-		log:      log,
-		budget:   pageserver.NewBudget(o.pageMemoryBytes),
-		spillDir: o.spillDir,
-		scripts:  scripts,
+		local:   local,
+		log:     log,
+		budget:  pageserver.NewBudget(o.pageMemoryBytes),
+		scripts: scripts,
 
 		sourceTimeout: o.sourceTimeout,
 	}
@@ -159,11 +153,10 @@ func requiredFeatures() []string {
 
 // server is the target daemon: what every session shares.
 type server struct {
-	local    protocol.Local
-	log      *slog.Logger
-	budget   *pageserver.Budget
-	spillDir string
-	scripts  *actionscript.Runner
+	local   protocol.Local
+	log     *slog.Logger
+	budget  *pageserver.Budget
+	scripts *actionscript.Runner
 	// sourceTimeout is target.Config.SourceTimeout.
 	sourceTimeout time.Duration
 }
@@ -173,7 +166,7 @@ type server struct {
 // committed end with it.
 func (s *server) session(ctx context.Context, sess *transport.Session) {
 	log := s.log.With("peer", sess.Peer().String())
-	ctl := target.NewSession(target.Config{Local: s.local, Budget: s.budget, SpillDir: s.spillDir,
+	ctl := target.NewSession(target.Config{Local: s.local, Budget: s.budget,
 		Scripts: s.scripts.With("PHAUL_SOURCE=" + sess.Peer().String()), SourceTimeout: s.sourceTimeout}, log)
 	defer ctl.Close()
 	pages, err := pageserver.NewService(pageserver.ServiceConfig{
