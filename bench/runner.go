@@ -536,7 +536,7 @@ func appGap(ctx context.Context, path string, start, end time.Time, timeout time
 
 // phaulMigrate runs `phaul migrate` on the source host.
 func (r *runner) phaulMigrate(ctx context.Context, c runCase, pid int, serve *Serve) (*migration, error) {
-	args := []string{"migrate", "--to", serve.Addr, "--insecure", "--json"}
+	args := []string{"migrate", "--to", serve.Addr, "--insecure", "--json", "-vv"}
 	if c.v.Track != "" {
 		args = append(args, "--track", c.v.Track)
 	}

@@ -35,8 +35,11 @@ type collector struct {
 	frozen *ptrace.Frozen
 	gadget uint64
 	maps   []proc.Mapping
-	stat   *proc.Stat
-	status *proc.Status
+	// flagsFrom, when set, is an smaps read taken before the freeze:
+	// readMaps reads /proc/PID/maps and takes the VmFlags from it.
+	flagsFrom []proc.Mapping
+	stat      *proc.Stat
+	status    *proc.Status
 	// tracked: write tracking is still registered on the mappings (it
 	// goes away with the process, or is removed before it resumes).
 	tracked bool
@@ -45,9 +48,20 @@ type collector struct {
 
 // readMaps reads the process's mappings, refusing what cannot be restored.
 func (c *collector) readMaps() error {
-	maps, err := proc.ReadSmaps(c.pid)
-	if err != nil {
-		return err
+	var maps []proc.Mapping
+	var err error
+	if c.flagsFrom != nil {
+		if maps, err = proc.ReadMaps(c.pid); err != nil {
+			return err
+		}
+		if !proc.TakeFlags(maps, c.flagsFrom) {
+			maps = nil // changed since: smaps it is
+		}
+	}
+	if maps == nil {
+		if maps, err = proc.ReadSmaps(c.pid); err != nil {
+			return err
+		}
 	}
 	vmas, err := convertVMAs(maps, c.tracked)
 	if err != nil {

@@ -435,7 +435,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	var finalStats pagestream.Stats
 	var lastStart, lastEnd time.Time
 	fz, err := engine.Freeze(ctx, engine.FreezeOptions{Pid: cfg.Pid, ShellJob: cfg.ShellJob, TrackerDir: dir, Logger: m.log,
-		KeepTracking: true, TCPEstablished: cfg.TCPEstablished,
+		KeepTracking: true, TCPEstablished: cfg.TCPEstablished, FlagsBeforeFreeze: true,
 		LastRound: func(ctx context.Context, t tracker.Tracker, vmas []*imagepb.VMA) error {
 			if t == nil {
 				return errors.New("tracking state lost before the final round")

@@ -74,6 +74,34 @@ func ReadMaps(pid int) ([]Mapping, error) {
 	return ms, nil
 }
 
+// TakeFlags gives each of maps the VmFlags of the mapping of earlier (both
+// in address order, as read) with the same range, permissions, offset and
+// file, and reports whether every mapping found one. Mappings read from
+// /proc/PID/maps so get the flags of an earlier smaps read without the
+// page-table walk that makes smaps slow; a mapping that changed meanwhile
+// (split, moved, remapped, reprotected) makes it return false.
+func TakeFlags(maps, earlier []Mapping) bool {
+	j := 0
+	for i := range maps {
+		m := &maps[i]
+		for j < len(earlier) && earlier[j].Start < m.Start {
+			j++
+		}
+		if j == len(earlier) || !sameMapping(m, &earlier[j]) {
+			return false
+		}
+		m.Flags = earlier[j].Flags
+	}
+	return true
+}
+
+// sameMapping compares everything but the flags.
+func sameMapping(a, b *Mapping) bool {
+	return a.Start == b.Start && a.End == b.End && a.Read == b.Read && a.Write == b.Write &&
+		a.Exec == b.Exec && a.Shared == b.Shared && a.Offset == b.Offset && a.Dev == b.Dev &&
+		a.Inode == b.Inode && a.Path == b.Path && a.Deleted == b.Deleted
+}
+
 // ParseSmaps parses the contents of a smaps (or maps) file.
 func ParseSmaps(b []byte) ([]Mapping, error) {
 	var ms []Mapping

@@ -165,3 +165,55 @@ func TestParseLimits(t *testing.T) {
 		t.Error("accepted garbage")
 	}
 }
+
+// Mappings read from maps take the VmFlags of an earlier smaps read when
+// nothing about them changed, and give up when something did.
+func TestTakeFlags(t *testing.T) {
+	earlier, err := ParseSmaps([]byte(smapsSample))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same sample as /proc/PID/maps has it: no VmFlags.
+	var lines []string
+	for _, l := range strings.Split(smapsSample, "\n") {
+		if isHeader(l) {
+			lines = append(lines, l)
+		}
+	}
+	plain := strings.Join(lines, "\n")
+	read := func(text string) []Mapping {
+		t.Helper()
+		ms, err := ParseSmaps([]byte(text))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ms
+	}
+	ms := read(plain)
+	if !TakeFlags(ms, earlier) {
+		t.Fatal("unchanged mappings did not take their flags")
+	}
+	if !ms[5].HasFlag("gd") || !ms[3].HasFlag("sh") || len(ms[0].Flags) != 5 {
+		t.Errorf("flags taken: %v", ms)
+	}
+	// A mapping gone since is fine; each kind of change is not.
+	if !TakeFlags(read(strings.Replace(plain, lines[4]+"\n", "", 1)), earlier) {
+		t.Error("a mapping removed since made it give up")
+	}
+	for name, change := range map[string][2]string{
+		"split":      {"55d0c1b6a000-55d0c1b8b000 rw-p", "55d0c1b6a000-55d0c1b7b000 rw-p"},
+		"moved":      {"7f1c0b000000-7f1c0b001000", "7f1c0c000000-7f1c0c001000"},
+		"reprotect":  {"55d0c1b6a000-55d0c1b8b000 rw-p", "55d0c1b6a000-55d0c1b8b000 r--p"},
+		"other file": {"00002000 fe:00 1234", "00002000 fe:00 1235"},
+		"offset":     {"r-xp 00002000", "r-xp 00003000"},
+		"new":        {"[heap]\n", "[heap]\n7f1c09000000-7f1c09001000 rw-p 00000000 00:00 0 \n"},
+	} {
+		changed := strings.Replace(plain, change[0], change[1], 1)
+		if changed == plain {
+			t.Fatalf("%s: the sample has no %q", name, change[0])
+		}
+		if TakeFlags(read(changed), earlier) {
+			t.Errorf("%s: flags taken from a mapping that changed", name)
+		}
+	}
+}
