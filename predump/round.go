@@ -3,6 +3,7 @@ package predump
 import (
 	"context"
 	"fmt"
+	"sort"
 	"time"
 
 	"github.com/phaul/phaul/engine/image"
@@ -99,13 +100,13 @@ type op struct {
 	readable bool
 }
 
-// batch is what the reader hands to the recorder: one kept range, or runs
-// read into buf.
+// batch is what the reader hands to the recorder: runs read into buf and
+// the kept ranges among and before them, each in address order.
 type batch struct {
-	keep *tracker.Range
-	runs []pagereader.Run
-	buf  []byte
-	err  error
+	keeps []tracker.Range
+	runs  []pagereader.Run
+	buf   []byte
+	err   error
 }
 
 // Run runs one round: it asks t what changed, reads what must be read
@@ -233,59 +234,87 @@ func readAll(rd *pagereader.Reader, ops []op, free chan []byte, done <-chan stru
 		}
 		size = min(size, batchSize)
 		allocated := 0
-		for i := 0; i < len(ops); {
-			if ops[i].keep {
-				r := ops[i].Range
-				if !send(batch{keep: &r}) {
-					return
-				}
-				i++
-				continue
+		getBuf := func() []byte {
+			select {
+			case buf := <-free:
+				return buf
+			default:
 			}
-			// Consecutive ranges to read, of one readability.
+			if allocated < readBuffers {
+				allocated++
+				return make([]byte, size)
+			}
+			select {
+			case buf := <-free:
+				return buf
+			case <-done:
+				return nil
+			}
+		}
+		for i := 0; i < len(ops); {
+			// The ranges to read up to the next change of readability,
+			// with the kept ranges among them: one read fetches pages on
+			// both sides of a kept range (scattered dirty pages, as in a
+			// final round, make one batch, not one per page).
 			var spans []pagereader.Span
-			readable := ops[i].readable
-			for ; i < len(ops) && !ops[i].keep && ops[i].readable == readable; i++ {
-				spans = append(spans, pagereader.Span{Addr: ops[i].Start, Pages: ops[i].Pages()})
+			var keeps []tracker.Range
+			readable := false
+			for ; i < len(ops); i++ {
+				o := ops[i]
+				if o.keep {
+					keeps = append(keeps, o.Range)
+					continue
+				}
+				if len(spans) > 0 && o.readable != readable {
+					break
+				}
+				readable = o.readable
+				spans = append(spans, pagereader.Span{Addr: o.Start, Pages: o.Pages()})
 			}
 			for len(spans) > 0 {
-				var buf []byte
-				select {
-				case buf = <-free:
-				default:
-					if allocated < readBuffers {
-						allocated++
-						buf = make([]byte, size)
-						break
-					}
-					select {
-					case buf = <-free:
-					case <-done:
-						return
-					}
+				buf := getBuf()
+				if buf == nil {
+					return
 				}
 				runs, rest, err := rd.Batch(spans, readable, buf)
 				spans = rest
-				if !send(batch{runs: runs, buf: buf, err: err}) || err != nil {
+				// The kept ranges before what is left go with this batch.
+				n := len(keeps)
+				if len(rest) > 0 {
+					n = sort.Search(len(keeps), func(k int) bool { return keeps[k].Start >= rest[0].Addr })
+				}
+				if !send(batch{keeps: keeps[:n], runs: runs, buf: buf, err: err}) || err != nil {
 					return
 				}
+				keeps = keeps[n:]
+			}
+			if len(keeps) > 0 && !send(batch{keeps: keeps}) {
+				return
 			}
 		}
 	}()
 	return out
 }
 
-// record hands one batch to the sink.
+// record hands one batch to the sink, in address order.
 func record(t tracker.Tracker, sink Sink, b batch, res *Result) error {
-	if b.keep != nil {
-		if err := sink.KeepPages(b.keep.Start, b.keep.Pages()); err != nil {
-			return err
+	keeps := b.keeps
+	keepBefore := func(addr uint64) error {
+		for len(keeps) > 0 && keeps[0].Start < addr {
+			k := keeps[0]
+			keeps = keeps[1:]
+			if err := sink.KeepPages(k.Start, k.Pages()); err != nil {
+				return err
+			}
+			res.PagesKept += k.Pages()
+			res.Recorded.Add(k.Start, k.End)
 		}
-		res.PagesKept += b.keep.Pages()
-		res.Recorded.Add(b.keep.Start, b.keep.End)
 		return nil
 	}
 	for _, r := range b.runs {
+		if err := keepBefore(r.Addr); err != nil {
+			return err
+		}
 		// Split into zero and data pieces, page by page.
 		for off := 0; off < len(r.Data); {
 			zero := image.IsZero(r.Data[off : off+PageSize])
@@ -311,5 +340,5 @@ func record(t tracker.Tracker, sink Sink, b batch, res *Result) error {
 		}
 		res.Recorded.Add(r.Addr, r.Addr+uint64(len(r.Data)))
 	}
-	return nil
+	return keepBefore(^uint64(0))
 }
