@@ -61,7 +61,8 @@ type Frozen struct {
 	// XsaveFeatures is this CPU's XCR0: the state components the process
 	// may use (it chose its code paths by CPUID).
 	XsaveFeatures uint64
-	// At is when every thread was stopped.
+	// At is when the first thread was told to stop: where the pause
+	// began (every thread was stopped a moment later).
 	At time.Time
 
 	tr      *ptrace.Tracer
@@ -97,7 +98,7 @@ func Freeze(ctx context.Context, opt FreezeOptions) (*Frozen, error) {
 	}
 	t0 := time.Now()
 	err = fz.stop()
-	timing := []any{"stop", fz.At.Sub(t0)}
+	timing := []any{"stop", time.Since(t0)}
 	if err == nil {
 		var more []any
 		more, err = fz.collect(ctx, opt)
@@ -135,7 +136,7 @@ func (fz *Frozen) stop() error {
 		if err != nil {
 			return err
 		}
-		fz.At = time.Now()
+		fz.At = f.Stopping
 		fz.c.frozen = f
 		return nil
 	})

@@ -41,6 +41,9 @@ type Frozen struct {
 	Tids []int // Tids[0] == Pid when the leader is alive
 	// Stolen holds the signals taken off each thread while freezing it.
 	Stolen map[int][]StolenSignal
+	// Stopping is when the first thread was told to stop: where the
+	// process's pause begins.
+	Stopping time.Time
 }
 
 // Freeze seizes and stops every thread of pid, re-reading the thread list
@@ -58,24 +61,37 @@ func Freeze(pid int) (*Frozen, error) {
 			f.release()
 			return nil, err
 		}
-		added := 0
+		// Every new thread is told to stop before any is waited for:
+		// they stop at once, not one after another.
+		var started []int
 		for _, tid := range tids {
 			if seen[tid] {
 				continue
 			}
 			seen[tid] = true
-			alive, err := f.seizeThread(tid)
+			ok, err := f.startStop(tid)
 			if err != nil {
+				f.settle(started)
+				f.release()
+				return nil, err
+			}
+			if ok {
+				started = append(started, tid)
+			}
+		}
+		if len(started) == 0 {
+			break
+		}
+		for i, tid := range started {
+			alive, err := f.waitStop(tid)
+			if err != nil {
+				f.settle(started[i+1:])
 				f.release()
 				return nil, err
 			}
 			if alive {
 				f.Tids = append(f.Tids, tid)
-				added++
 			}
-		}
-		if added == 0 {
-			break
 		}
 	}
 	if len(f.Tids) == 0 {
@@ -90,9 +106,9 @@ func Freeze(pid int) (*Frozen, error) {
 	return f, nil
 }
 
-// seizeThread attaches to tid and waits until it is in an interrupt stop.
-// It reports false when the thread exited before it could be stopped.
-func (f *Frozen) seizeThread(tid int) (bool, error) {
+// startStop attaches to tid and tells it to stop. It reports false when
+// the thread exited first.
+func (f *Frozen) startStop(tid int) (bool, error) {
 	if err := sys.PtraceSeize(tid, seizeOptions); err != nil {
 		if errors.Is(err, sys.ESRCH) {
 			return false, nil
@@ -102,9 +118,29 @@ func (f *Frozen) seizeThread(tid int) (bool, error) {
 		}
 		return false, fmt.Errorf("seize thread %d of %d: %w", tid, f.Pid, err)
 	}
-	if err := sys.PtraceInterrupt(tid); err != nil {
+	if f.Stopping.IsZero() {
+		f.Stopping = time.Now()
+	}
+	if err := sys.PtraceInterrupt(tid); err != nil && !errors.Is(err, sys.ESRCH) {
 		return false, fmt.Errorf("interrupt thread %d: %w", tid, err)
 	}
+	return true, nil // gone meanwhile: waitStop sees it exit
+}
+
+// settle waits for threads told to stop by a Freeze that failed, so that
+// release can let them go.
+func (f *Frozen) settle(tids []int) {
+	for _, tid := range tids {
+		if alive, err := f.waitStop(tid); err == nil && alive {
+			f.Tids = append(f.Tids, tid)
+		}
+	}
+}
+
+// waitStop waits until tid, told to stop by startStop, is in an interrupt
+// stop. It reports false when the thread exited before it could be
+// stopped.
+func (f *Frozen) waitStop(tid int) (bool, error) {
 	for {
 		st, err := WaitTimeout(tid, StopTimeout)
 		if err != nil {
