@@ -127,34 +127,34 @@ func TestMigrateFault(t *testing.T) {
 			cause: `no space for pages: memory budget exhausted`},
 		// The final state: the original is frozen.
 		{name: "final-state/kill-target", serveFault: "target.Freeze@1=exit", serveDies: true,
-			cause: `final state: target: .*(reset|EOF|closed|unavailable)`},
+			cause: `restore on the target: .*(reset|EOF|closed|unavailable)`},
 		{name: "final-state/cut-connection", migrateFault: "source.Freeze@1=cut",
-			cause: `final state: target: .*(reset|EOF|closed|unavailable)`},
+			cause: `restore on the target: .*(reset|EOF|closed|unavailable)`},
 		{name: "final-state/ctrl-c", serveFault: "target.Freeze@1=hang", during: ctrlC,
-			cause: `interrupted, .*final state: target: .*context canceled`},
+			cause: `interrupted, .*restore on the target: .*context canceled`},
 		// A target that keeps the connection but never answers: the
 		// step's deadline (--freeze-timeout) ends the wait.
 		{name: "final-state/hang", serveFault: "target.Freeze@1=hang", migrateArgs: freezeTimeout, deadline: 2 * time.Second,
-			cause: `final state: target: target did not answer Freeze within 2s; rolled back, the process runs here$`},
+			cause: `restore on the target: target did not answer Freeze within 2s; rolled back, the process runs here$`},
 		// Restore: the shadow takes the final state; ready, it waits for the commit.
-		{name: "restore/memory-refused", serveFault: "target.Restore@1=error:enomem",
+		{name: "restore/memory-refused", serveFault: "target.restore@1=error:enomem",
 			cause: `restore on the target: .*cannot allocate memory`},
-		{name: "restore/refused-when-ready", serveFault: "target.Restore.handled@1=error",
+		{name: "restore/refused-when-ready", serveFault: "target.ready@1=error",
 			cause: `restore on the target: .*fault injected`},
-		{name: "restore/kill-target-when-ready", serveFault: "target.Restore.handled@1=exit", serveDies: true,
+		{name: "restore/kill-target-when-ready", serveFault: "target.ready@1=exit", serveDies: true,
 			cause: `restore on the target: .*(reset|EOF|closed|unavailable)`},
-		{name: "restore/ctrl-c", serveFault: "target.Restore.handled@1=hang", during: ctrlC,
+		{name: "restore/ctrl-c", serveFault: "target.ready@1=hang", during: ctrlC,
 			cause: `interrupted, .*restore on the target: .*context canceled`},
-		{name: "restore/hang", serveFault: "target.Restore@1=hang", migrateArgs: freezeTimeout, deadline: 2 * time.Second,
-			cause: `restore on the target: target did not answer Restore within 2s; rolled back, the process runs here$`},
+		{name: "restore/hang", serveFault: "target.restore@1=hang", migrateArgs: freezeTimeout, deadline: 2 * time.Second,
+			cause: `restore on the target: target did not answer Freeze within 2s; rolled back, the process runs here$`},
 		// Ready (the shadow restored, waiting for the commit), then stuck
 		// for good: the target does not even notice the deadline.
-		{name: "restore/stall-when-ready", serveFault: "target.Restore.handled@1=stall", migrateArgs: freezeTimeout, deadline: 2 * time.Second,
-			cause: `restore on the target: target did not answer Restore within 2s; rolled back, the process runs here$`},
+		{name: "restore/stall-when-ready", serveFault: "target.ready@1=stall", migrateArgs: freezeTimeout, deadline: 2 * time.Second,
+			cause: `restore on the target: target did not answer Freeze within 2s; rolled back, the process runs here$`},
 		// A source that goes silent with the connection open: the target
 		// discards the shadow after --source-timeout. The source, back,
 		// is interrupted here; the late commit below is refused.
-		{name: "restore/source-silent", migrateFault: "source.Restore@1=hang", setup: sourceTimeout,
+		{name: "restore/source-silent", migrateFault: "source.Freeze.answered@1=hang", setup: sourceTimeout,
 			during: func(t *testing.T, r *faultRun) {
 				r.waitFault(t)
 				waitLine(t, r.serve.log, "its source went silent", 0)

@@ -29,7 +29,7 @@ func TestMigrateTCPTargetHangs(t *testing.T) {
 		args = append(args, "--action-script", sc)
 	}
 	serve := s.tgt.CommandNewPIDNS(context.Background(), phaul, args...)
-	serve.Env = append(environWithout("PHAUL_FAULT"), "PHAUL_FAULT=target.Restore.handled@1=stall")
+	serve.Env = append(environWithout("PHAUL_FAULT"), "PHAUL_FAULT=target.ready@1=stall")
 	serveLog := background(t, serve, "serve")
 	waitLog(t, serveLog, "time=", 0)
 	const port = 7200
@@ -54,7 +54,7 @@ func TestMigrateTCPTargetHangs(t *testing.T) {
 	if !hasLine(serveLog, faultLine) {
 		t.Fatalf("the fault never fired\nmigrate:\n%s\nserve:\n%s", out, readTail(serveLog))
 	}
-	want := fmt.Sprintf("restore on the target: target did not answer Restore within %v; rolled back, the process runs here", deadline)
+	want := fmt.Sprintf("restore on the target: target did not answer Freeze within %v; rolled back, the process runs here", deadline)
 	if !strings.Contains(string(out), want) {
 		t.Errorf("migrate does not name the step (want %q):\n%s", want, out)
 	}

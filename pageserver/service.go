@@ -96,10 +96,17 @@ func (s *Service) Stream(stream migrationpb.Pages_StreamServer) error {
 		return status.Errorf(codes.InvalidArgument, "page stream: %v", err)
 	}
 	ack := &migrationpb.PageAck{}
+	log.Debug("page stream open", "codec", pagestream.CodecName(codec))
+	err = s.serve(stream, dec, store, ack, log)
+	store.EndStream(err)
+	return err
+}
+
+// serve applies the batches of an open stream until it ends.
+func (s *Service) serve(stream migrationpb.Pages_StreamServer, dec *pagestream.Decoder, store *Store, ack *migrationpb.PageAck, log *slog.Logger) error {
 	if err := stream.Send(ack); err != nil {
 		return err
 	}
-	log.Debug("page stream open", "codec", pagestream.CodecName(codec))
 	for {
 		m, err := stream.Recv()
 		if errors.Is(err, io.EOF) {

@@ -1,6 +1,7 @@
 package pageserver
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math/bits"
@@ -128,6 +129,13 @@ type Store struct {
 
 	charged atomic.Int64 // bytes reserved from budget
 	batches atomic.Uint64
+
+	// The page stream's progress, for WaitApplied.
+	seqMu     sync.Mutex
+	seq       uint64        // highest batch sequence number applied
+	ended     bool          // the stream ended
+	streamErr error         // why, when it failed
+	seqMoved  chan struct{} // closed and replaced when any of these change
 }
 
 // proc is the pages of one process.
@@ -260,7 +268,54 @@ func (s *Store) Apply(b *pagestream.Batch) error {
 			return fmt.Errorf("batch %d of %d: hook: %w", b.Seq, b.Pid, err)
 		}
 	}
+	s.progress(func() { s.seq = max(s.seq, b.Seq) })
 	return nil
+}
+
+// progress changes the stream's progress with fn and wakes WaitApplied.
+func (s *Store) progress(fn func()) {
+	s.seqMu.Lock()
+	fn()
+	if s.seqMoved != nil {
+		close(s.seqMoved)
+		s.seqMoved = nil
+	}
+	s.seqMu.Unlock()
+}
+
+// EndStream records that the page stream feeding the store ended, with
+// err when it failed: WaitApplied stops waiting for batches it did not
+// apply. A store is fed by one page stream.
+func (s *Store) EndStream(err error) {
+	s.progress(func() { s.ended, s.streamErr = true, err })
+}
+
+// WaitApplied waits until the page stream's batches up to sequence
+// number seq are applied (batch hook included; the stream applies them
+// in order), and fails when the stream ends first or ctx is done.
+func (s *Store) WaitApplied(ctx context.Context, seq uint64) error {
+	for {
+		s.seqMu.Lock()
+		done, ended, err := s.seq >= seq, s.ended, s.streamErr
+		if s.seqMoved == nil {
+			s.seqMoved = make(chan struct{})
+		}
+		moved := s.seqMoved
+		s.seqMu.Unlock()
+		switch {
+		case done:
+			return nil
+		case ended && err != nil:
+			return fmt.Errorf("page batch %d: the page stream failed: %w", seq, err)
+		case ended:
+			return fmt.Errorf("page batch %d: the page stream ended without it", seq)
+		}
+		select {
+		case <-moved:
+		case <-ctx.Done():
+			return fmt.Errorf("page batch %d: %w", seq, ctx.Err())
+		}
+	}
 }
 
 // growth is what a batch needs of one block that it adds data to.

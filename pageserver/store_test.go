@@ -2,13 +2,16 @@ package pageserver_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/phaul/phaul/pageserver"
 	"github.com/phaul/phaul/pagestream"
@@ -613,5 +616,49 @@ func TestStateOnly(t *testing.T) {
 	}
 	if used := budget.Used(); used != 0 {
 		t.Errorf("closed store keeps %d bytes of the budget", used)
+	}
+}
+
+// WaitApplied returns once the stream applied the batch it names (the
+// hook included), and gives up when the stream ends without it.
+func TestWaitApplied(t *testing.T) {
+	s := newStore(t, pageserver.Config{StateOnly: true})
+	hooked := make(chan uint64, 4)
+	s.SetBatchHook(func(b *pagestream.Batch) error {
+		hooked <- b.Seq
+		return nil
+	})
+	waited := make(chan error, 1)
+	go func() { waited <- s.WaitApplied(context.Background(), 1) }()
+	select {
+	case err := <-waited:
+		t.Fatalf("WaitApplied returned before any batch: %v", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	apply(t, s, batch(t, 1, 0, []pagestream.Run{{Addr: 0, Pages: 1}}, fill(1, 1)))
+	if err := <-waited; err != nil {
+		t.Fatal(err)
+	}
+	if seq := <-hooked; seq != 1 {
+		t.Errorf("hook saw batch %d", seq)
+	}
+	// Already applied: at once.
+	if err := s.WaitApplied(context.Background(), 1); err != nil {
+		t.Error(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+	defer cancel()
+	if err := s.WaitApplied(ctx, 2); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("wait for a batch that never comes: %v", err)
+	}
+	go func() { waited <- s.WaitApplied(context.Background(), 2) }()
+	s.EndStream(errors.New("checksum mismatch"))
+	if err := <-waited; err == nil || !strings.Contains(err.Error(), "checksum mismatch") {
+		t.Errorf("wait across a failed stream: %v", err)
+	}
+	s2 := newStore(t, pageserver.Config{})
+	s2.EndStream(nil)
+	if err := s2.WaitApplied(context.Background(), 1); err == nil || !strings.Contains(err.Error(), "ended without it") {
+		t.Errorf("wait across a closed stream: %v", err)
 	}
 }

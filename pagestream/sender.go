@@ -569,6 +569,7 @@ type Sink struct {
 	mentioned spans  // pages written, zeroed or kept this round
 	kept      spans
 	done      bool
+	noWait    bool // Done does not wait for the acknowledgement
 }
 
 var _ PageSink = (*Sink)(nil)
@@ -577,6 +578,23 @@ var _ PageSink = (*Sink)(nil)
 func (s *Sender) Sink(pid int32, round uint32) *Sink {
 	return &Sink{s: s, pid: pid, round: round}
 }
+
+// FinalSink is Sink for the last round of the stream, whose end the
+// target learns some other way (a migration's final state names it): its
+// Done sends everything but returns without waiting for the target's
+// acknowledgement. LastSeq then tells the batch the target must have
+// applied; WaitAcked waits for its acknowledgement.
+func (s *Sender) FinalSink(pid int32, round uint32) *Sink {
+	return &Sink{s: s, pid: pid, round: round, noWait: true}
+}
+
+// LastSeq returns the sequence number of the last batch the sink sent
+// (0: none).
+func (k *Sink) LastSeq() uint64 { return k.lastSeq }
+
+// WaitAcked blocks until the target acknowledged batch seq, or the stream
+// broke.
+func (s *Sender) WaitAcked(seq uint64) error { return s.waitAcked(seq) }
 
 // Holds returns the pages the target holds for pid after the rounds done
 // so far, as [start, end) address ranges.
@@ -750,6 +768,9 @@ func (k *Sink) Done() error {
 	}
 	if err := k.submit(); err != nil {
 		return err
+	}
+	if k.noWait {
+		return nil // no round follows: what the target holds no longer matters
 	}
 	if err := k.s.waitAcked(k.lastSeq); err != nil {
 		return err

@@ -104,9 +104,11 @@ type Phases struct {
 	// CollectMS is reading the frozen process's state (threads, mappings,
 	// descriptors) after the final round.
 	CollectMS float64 `json:"collect_ms"`
-	// StateMS is sending that state to the target.
+	// StateMS is sending that state to the target and its answer coming
+	// back: the request's time less the target's ReadyMS.
 	StateMS float64 `json:"state_ms"`
-	// ReadyMS is the target applying it (Restore answered).
+	// ReadyMS is the target applying the final pages and the state, as
+	// it measured it (from the state's arrival to ready).
 	ReadyMS float64 `json:"ready_ms"`
 	// CommitMS is the commit round trip: the process runs there when it
 	// ends.
@@ -432,7 +434,8 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	parked = true
 	round++
 	var final *predump.Result
-	var finalStats pagestream.Stats
+	var finalSink *pagestream.Sink
+	before := sender.Stats()
 	var lastStart, lastEnd time.Time
 	fz, err := engine.Freeze(ctx, engine.FreezeOptions{Pid: cfg.Pid, ShellJob: cfg.ShellJob, TrackerDir: dir, Logger: m.log,
 		KeepTracking: true, TCPEstablished: cfg.TCPEstablished, FlagsBeforeFreeze: true,
@@ -446,12 +449,15 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 				return err
 			}
 			layoutDone := time.Now()
-			before := sender.Stats()
-			r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev, Deferred: deferred})
+			// Not waiting for the target's acknowledgement: the final
+			// state names the last batch, and the target applies it
+			// before restoring, while the state is collected here.
+			finalSink = sender.FinalSink(pid, uint32(round))
+			r, err := predump.Run(ctx, t, finalSink, predump.Options{Previous: prev, Deferred: deferred})
 			if err != nil {
 				return fmt.Errorf("final round: %w", m.pageErr(err))
 			}
-			final, finalStats = r, sender.Stats().Sub(before)
+			final = r
 			m.log.Debug("final round", "layout", layoutDone.Sub(lastStart), "scan", r.Scan, "copy", r.Copy, "pages", r.PagesWritten)
 			return nil
 		}})
@@ -502,11 +508,6 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	if err := runScript(actionscript.NetworkLock); err != nil {
 		return nil, err
 	}
-	res.PerRound = append(res.PerRound, RoundReport{Round: round, Pages: finalStats.PagesData, PagesZero: finalStats.PagesZero,
-		Bytes: finalStats.WireBytes, DirtyRate: final.DirtyRate, Decision: "final", Final: true})
-	if cfg.Progress != nil {
-		cfg.Progress(res.PerRound[len(res.PerRound)-1])
-	}
 	collected := time.Now()
 	res.Phases.FinalRoundMS = ms(lastEnd.Sub(lastStart))
 	res.Phases.CollectMS = ms(collected.Sub(lastEnd) - scriptTime)
@@ -515,28 +516,36 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	if err != nil {
 		return nil, err
 	}
-	if err := m.call(ctx, "Freeze", func(ctx context.Context) error {
-		_, err := m.control.Freeze(ctx, &migrationpb.FreezeRequest{MigrationId: m.id, State: st})
-		return err
-	}); err != nil {
-		return nil, fmt.Errorf("final state: target: %w", err)
-	}
+	st.PagesThrough = finalSink.LastSeq()
+	// The dump is complete: the source's part of moving a service
+	// address (giving it up) comes before the target takes it up.
 	if err := runScript(actionscript.PostDump); err != nil {
 		return nil, err
 	}
-	sent := time.Now()
-	res.Phases.StateMS = ms(sent.Sub(collected) - (scriptTime - lockScript))
-	res.Phases.ScriptsMS = ms(scriptTime)
+	sending := time.Now()
+	// The state, and the restore: the target answers when it is ready.
 	var rr *migrationpb.RestoreResponse
-	if err := m.call(ctx, "Restore", func(ctx context.Context) (err error) {
-		rr, err = m.control.Restore(ctx, &migrationpb.RestoreRequest{MigrationId: m.id})
+	if err := m.call(ctx, "Freeze", func(ctx context.Context) error {
+		resp, err := m.control.Freeze(ctx, &migrationpb.FreezeRequest{MigrationId: m.id, State: st, Restore: true})
+		rr = resp.GetRestored()
 		return err
 	}); err != nil {
 		return nil, fmt.Errorf("restore on the target: %w", err)
 	}
+	if rr == nil {
+		// A target that only takes the state: ask for the restore.
+		if err := m.call(ctx, "Restore", func(ctx context.Context) (err error) {
+			rr, err = m.control.Restore(ctx, &migrationpb.RestoreRequest{MigrationId: m.id})
+			return err
+		}); err != nil {
+			return nil, fmt.Errorf("restore on the target: %w", err)
+		}
+	}
 	readyAt := time.Now()
-	res.Phases.ReadyMS = ms(readyAt.Sub(sent))
 	res.RestoreMS = float64(rr.GetRestoreNs()) / 1e6
+	res.Phases.ReadyMS = res.RestoreMS
+	res.Phases.StateMS = max(0, ms(readyAt.Sub(sending))-res.RestoreMS+ms(sending.Sub(collected))-ms(scriptTime-lockScript))
+	res.Phases.ScriptsMS = ms(scriptTime)
 	// The commit window: from here an unanswered request leaves the
 	// outcome unknown, and the original must neither run nor die.
 	// Hold keeps the tracking registered (see m.untrack).
@@ -599,6 +608,17 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		return err
 	}); err != nil {
 		m.log.Warn("confirm", "err", err)
+	}
+	// The final round, now that the target acknowledged it: outside the
+	// downtime.
+	if err := sender.WaitAcked(finalSink.LastSeq()); err != nil {
+		m.log.Warn("final round acknowledgement", "err", err)
+	}
+	finalStats := sender.Stats().Sub(before)
+	res.PerRound = append(res.PerRound, RoundReport{Round: round, Pages: finalStats.PagesData, PagesZero: finalStats.PagesZero,
+		Bytes: finalStats.WireBytes, DirtyRate: final.DirtyRate, Decision: "final", Final: true})
+	if cfg.Progress != nil {
+		cfg.Progress(res.PerRound[len(res.PerRound)-1])
 	}
 	total := sender.Stats()
 	res.Rounds = len(res.PerRound)

@@ -90,6 +90,8 @@ func startChild(t *testing.T) int {
 // fakeTarget is a target that stores pages but builds nothing: its
 // Control answers every step at once, except the one it was told to hang
 // at (until the request is cancelled) or stall at (until the test ends).
+// Its Freeze takes the state but does not restore, as before the two were
+// one request: the source asks for the restore with Restore.
 type fakeTarget struct {
 	migrationpb.UnimplementedControlServer
 	local   protocol.Local
@@ -102,8 +104,8 @@ type fakeTarget struct {
 	mu     sync.Mutex
 	store  *pageserver.Store
 	aborts int
-	// deaf is set when hangAt is "pages" and the last pre-copy round is
-	// done: from then on no page batch is acknowledged.
+	// deaf is set when hangAt is "pages" and the last pre-copy round but
+	// one is done: from then on no page batch is acknowledged.
 	deaf atomic.Bool
 }
 
@@ -171,7 +173,7 @@ func (f *fakeTarget) BeginRound(ctx context.Context, _ *migrationpb.BeginRoundRe
 }
 
 func (f *fakeTarget) RoundDone(ctx context.Context, req *migrationpb.RoundDoneRequest) (*migrationpb.RoundDoneResponse, error) {
-	if f.hangAt == "pages" && req.GetStats().GetRound() == lastRound {
+	if f.hangAt == "pages" && req.GetStats().GetRound() == lastRound-1 {
 		f.deaf.Store(true)
 	}
 	return &migrationpb.RoundDoneResponse{}, f.step(ctx, "RoundDone")
@@ -288,10 +290,10 @@ func TestRunTargetHangs(t *testing.T) {
 		// stopped.
 		unknown bool
 	}{
-		{hangAt: "Freeze", want: "final state: target: target did not answer Freeze within 500ms; rolled back, the process runs here"},
+		{hangAt: "Freeze", want: "restore on the target: target did not answer Freeze within 500ms; rolled back, the process runs here"},
 		{hangAt: "Restore", stall: true, want: "restore on the target: target did not answer Restore within 500ms; rolled back, the process runs here"},
 		{hangAt: "RoundDone", want: "round 0: target: target did not answer RoundDone within 500ms; rolled back, the process runs here"},
-		{hangAt: "pages", want: "final round: target acknowledged no page batch within 500ms; rolled back, the process runs here"},
+		{hangAt: "pages", want: "round 1: target acknowledged no page batch within 500ms; rolled back, the process runs here"},
 		{hangAt: "Commit", stall: true, unknown: true, want: "commit outcome unknown: target did not answer Commit within 500ms; the original"},
 	} {
 		name := c.hangAt + map[bool]string{false: "/hang", true: "/stall"}[c.stall]

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/phaul/phaul/internal/fault"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -379,14 +380,26 @@ func (s *Session) RoundDone(_ context.Context, req *migrationpb.RoundDoneRequest
 	return &migrationpb.RoundDoneResponse{PagesStored: st.PagesData, PagesApplied: st.PagesData}, nil
 }
 
-// Freeze implements migrationpb.ControlServer: the final state arrives.
-func (s *Session) Freeze(_ context.Context, req *migrationpb.FreezeRequest) (*migrationpb.FreezeResponse, error) {
+// Freeze implements migrationpb.ControlServer: the final state arrives,
+// after the final round's pages when it names them, and with
+// req.Restore the shadows take it at once (see Restore).
+func (s *Session) Freeze(ctx context.Context, req *migrationpb.FreezeRequest) (*migrationpb.FreezeResponse, error) {
+	arrived := time.Now()
 	m, leave, err := s.enter(req.GetMigrationId())
 	if err != nil {
 		return nil, err
 	}
 	defer leave()
 	st := req.GetState()
+	// Before m.mu: applying pages takes it.
+	if seq := st.GetPagesThrough(); seq > 0 {
+		if err := m.store.WaitApplied(ctx, seq); err != nil {
+			if ctx.Err() != nil {
+				return nil, status.FromContextError(ctx.Err()).Err()
+			}
+			return nil, status.Errorf(codes.FailedPrecondition, "freeze: the final round's pages: %v", err)
+		}
+	}
 	inv := &imagepb.Inventory{}
 	if err := proto.Unmarshal(st.GetInventory(), inv); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "freeze: inventory: %v", err)
@@ -400,16 +413,34 @@ func (s *Session) Freeze(_ context.Context, req *migrationpb.FreezeRequest) (*mi
 		entries[e.GetPid()] = e
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if err := m.usable(); err != nil {
+	err = m.takeFinal(st, inv, files, entries, arrived)
+	var resp *migrationpb.RestoreResponse
+	if err == nil && req.GetRestore() {
+		resp, err = m.restoreLocked(ctx)
+	}
+	m.mu.Unlock()
+	if err != nil || !req.GetRestore() {
+		return &migrationpb.FreezeResponse{}, err
+	}
+	resp, err = answerReady(ctx, resp, nil)
+	if err != nil {
 		return nil, err
 	}
+	return &migrationpb.FreezeResponse{Restored: resp}, nil
+}
+
+// takeFinal keeps the final state of the frozen tree for the restore.
+func (m *migration) takeFinal(st *migrationpb.FinalState, inv *imagepb.Inventory, files *imagepb.FileTable,
+	entries map[int32]*imagepb.ProcessEntry, arrived time.Time) error {
+	if err := m.usable(); err != nil {
+		return err
+	}
 	if m.phase != started {
-		return nil, status.Error(codes.FailedPrecondition, "freeze: already frozen")
+		return status.Error(codes.FailedPrecondition, "freeze: already frozen")
 	}
 	eps, _, err := engine.ImageEndpoints(files)
 	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "freeze: file table: %v", err)
+		return status.Errorf(codes.InvalidArgument, "freeze: file table: %v", err)
 	}
 	pids := make([]string, 0, len(st.GetProcesses()))
 	for _, blob := range st.GetProcesses() {
@@ -420,16 +451,16 @@ func (s *Session) Freeze(_ context.Context, req *migrationpb.FreezeRequest) (*mi
 	for _, blob := range st.GetProcesses() {
 		p, err := decodeProcess(blob.GetImage())
 		if err != nil {
-			return nil, status.Errorf(codes.InvalidArgument, "freeze: process %d: %v", blob.GetPid(), err)
+			return status.Errorf(codes.InvalidArgument, "freeze: process %d: %v", blob.GetPid(), err)
 		}
 		if m.shadows[blob.GetPid()] == nil {
-			return nil, status.Errorf(codes.FailedPrecondition, "freeze: process %d has no shadow", blob.GetPid())
+			return status.Errorf(codes.FailedPrecondition, "freeze: process %d has no shadow", blob.GetPid())
 		}
 		m.final[blob.GetPid()] = engine.State{Process: p, Files: files, Entry: entries[blob.GetPid()], ShellJob: inv.GetShellJob()}
 	}
 	m.phase = frozen
-	m.frozeAt = time.Now()
-	return &migrationpb.FreezeResponse{}, nil
+	m.frozeAt = arrived
+	return nil
 }
 
 // Restore implements migrationpb.ControlServer: every shadow takes its
@@ -441,12 +472,22 @@ func (s *Session) Restore(ctx context.Context, req *migrationpb.RestoreRequest) 
 	}
 	defer leave()
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	resp, err := m.restoreLocked(ctx)
+	m.mu.Unlock()
+	return answerReady(ctx, resp, err)
+}
+
+// restoreLocked has every shadow take its final state; they wait,
+// stopped, for Commit.
+func (m *migration) restoreLocked(ctx context.Context) (*migrationpb.RestoreResponse, error) {
 	if err := m.usable(); err != nil {
 		return nil, err
 	}
 	if m.phase != frozen {
 		return nil, status.Error(codes.FailedPrecondition, "restore: no final state")
+	}
+	if err := fault.PointContext(ctx, fault.TargetRestore); err != nil { // test-only; nil unless armed
+		return nil, status.Errorf(codes.Internal, "restore: %v", err)
 	}
 	resp := &migrationpb.RestoreResponse{}
 	m.locked = true // from here a shadow may hold a lock, and the scripts may have acted
@@ -463,6 +504,18 @@ func (s *Session) Restore(ctx context.Context, req *migrationpb.RestoreRequest) 
 	m.phase = ready
 	resp.RestoreNs = uint64(time.Since(m.frozeAt))
 	m.log.Info("ready", "pids", resp.Pids, "since_freeze", time.Since(m.frozeAt))
+	return resp, nil
+}
+
+// answerReady is the last step of a restore, with m.mu released: a test
+// may stop the answer here (fault.TargetReady).
+func answerReady(ctx context.Context, resp *migrationpb.RestoreResponse, err error) (*migrationpb.RestoreResponse, error) {
+	if err != nil {
+		return nil, err
+	}
+	if err := fault.PointContext(ctx, fault.TargetReady); err != nil { // test-only; nil unless armed
+		return nil, status.Errorf(codes.Internal, "ready: %v", err)
+	}
 	return resp, nil
 }
 

@@ -27,6 +27,12 @@ const (
 	SourceBatch = "source.batch"
 	// TargetBatch is a page batch on the target, before it is applied.
 	TargetBatch = "target.batch"
+	// TargetRestore is the target's restore, before the shadows take
+	// their final state (in Freeze with restore set, or Restore).
+	TargetRestore = "target.restore"
+	// TargetReady is the target's restore done, the shadows ready,
+	// before it answers.
+	TargetReady = "target.ready"
 )
 
 // methods are the Control service's methods: the interceptor points.
@@ -34,7 +40,7 @@ var methods = []string{"Hello", "StartMigration", "BeginRound", "RoundDone", "Fr
 
 // Points returns the name of every fault point.
 func Points() []string {
-	out := []string{SourceBatch, TargetBatch}
+	out := []string{SourceBatch, TargetBatch, TargetRestore, TargetReady}
 	for _, m := range methods {
 		out = append(out, "source."+m, "source."+m+".answered", "target."+m, "target."+m+".handled")
 	}

@@ -1041,8 +1041,13 @@ type FinalState struct {
 	Processes []*ProcessBlob `protobuf:"bytes,2,rep,name=processes,proto3" json:"processes,omitempty"`
 	// phaul.image.v1.FileTable.
 	FileTable []byte `protobuf:"bytes,3,opt,name=file_table,json=fileTable,proto3" json:"file_table,omitempty"`
-	// The final page round; its pages were acknowledged on the page stream.
-	LastRound     *RoundStats `protobuf:"bytes,4,opt,name=last_round,json=lastRound,proto3" json:"last_round,omitempty"`
+	// The final page round; its pages were acknowledged on the page stream
+	// unless pages_through is set.
+	LastRound *RoundStats `protobuf:"bytes,4,opt,name=last_round,json=lastRound,proto3" json:"last_round,omitempty"`
+	// The final round's pages went up to this batch sequence number of the
+	// migration's page stream, not yet acknowledged: the target applies
+	// every batch up to it before restoring (0: nothing outstanding).
+	PagesThrough  uint64 `protobuf:"varint,5,opt,name=pages_through,json=pagesThrough,proto3" json:"pages_through,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1105,10 +1110,19 @@ func (x *FinalState) GetLastRound() *RoundStats {
 	return nil
 }
 
+func (x *FinalState) GetPagesThrough() uint64 {
+	if x != nil {
+		return x.PagesThrough
+	}
+	return 0
+}
+
 type FreezeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	MigrationId   string                 `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
-	State         *FinalState            `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	MigrationId string                 `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	State       *FinalState            `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// Restore at once, and answer with what Restore answers.
+	Restore       bool `protobuf:"varint,3,opt,name=restore,proto3" json:"restore,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1157,8 +1171,18 @@ func (x *FreezeRequest) GetState() *FinalState {
 	return nil
 }
 
+func (x *FreezeRequest) GetRestore() bool {
+	if x != nil {
+		return x.Restore
+	}
+	return false
+}
+
 type FreezeResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Set when the request asked to restore: the tree is ready. A target
+	// that leaves it unset did not restore (the source calls Restore).
+	Restored      *RestoreResponse `protobuf:"bytes,1,opt,name=restored,proto3" json:"restored,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1191,6 +1215,13 @@ func (x *FreezeResponse) ProtoReflect() protoreflect.Message {
 // Deprecated: Use FreezeResponse.ProtoReflect.Descriptor instead.
 func (*FreezeResponse) Descriptor() ([]byte, []int) {
 	return file_migration_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *FreezeResponse) GetRestored() *RestoreResponse {
+	if x != nil {
+		return x.Restored
+	}
+	return nil
 }
 
 type RestoreRequest struct {
@@ -2031,7 +2062,7 @@ const file_migration_proto_rawDesc = "" +
 	"\rpages_applied\x18\x02 \x01(\x04R\fpagesApplied\"5\n" +
 	"\vProcessBlob\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x14\n" +
-	"\x05image\x18\x02 \x01(\fR\x05image\"\xc7\x01\n" +
+	"\x05image\x18\x02 \x01(\fR\x05image\"\xec\x01\n" +
 	"\n" +
 	"FinalState\x12\x1c\n" +
 	"\tinventory\x18\x01 \x01(\fR\tinventory\x12=\n" +
@@ -2039,11 +2070,14 @@ const file_migration_proto_rawDesc = "" +
 	"\n" +
 	"file_table\x18\x03 \x01(\fR\tfileTable\x12=\n" +
 	"\n" +
-	"last_round\x18\x04 \x01(\v2\x1e.phaul.migration.v1.RoundStatsR\tlastRound\"h\n" +
+	"last_round\x18\x04 \x01(\v2\x1e.phaul.migration.v1.RoundStatsR\tlastRound\x12#\n" +
+	"\rpages_through\x18\x05 \x01(\x04R\fpagesThrough\"\x82\x01\n" +
 	"\rFreezeRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x124\n" +
-	"\x05state\x18\x02 \x01(\v2\x1e.phaul.migration.v1.FinalStateR\x05state\"\x10\n" +
-	"\x0eFreezeResponse\"3\n" +
+	"\x05state\x18\x02 \x01(\v2\x1e.phaul.migration.v1.FinalStateR\x05state\x12\x18\n" +
+	"\arestore\x18\x03 \x01(\bR\arestore\"Q\n" +
+	"\x0eFreezeResponse\x12?\n" +
+	"\brestored\x18\x01 \x01(\v2#.phaul.migration.v1.RestoreResponseR\brestored\"3\n" +
 	"\x0eRestoreRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"D\n" +
 	"\x0fRestoreResponse\x12\x12\n" +
@@ -2179,37 +2213,38 @@ var file_migration_proto_depIdxs = []int32{
 	13, // 9: phaul.migration.v1.FinalState.processes:type_name -> phaul.migration.v1.ProcessBlob
 	8,  // 10: phaul.migration.v1.FinalState.last_round:type_name -> phaul.migration.v1.RoundStats
 	14, // 11: phaul.migration.v1.FreezeRequest.state:type_name -> phaul.migration.v1.FinalState
-	1,  // 12: phaul.migration.v1.PageRun.kind:type_name -> phaul.migration.v1.PageKind
-	25, // 13: phaul.migration.v1.PageBatch.runs:type_name -> phaul.migration.v1.PageRun
-	0,  // 14: phaul.migration.v1.PageBatch.codec:type_name -> phaul.migration.v1.Codec
-	0,  // 15: phaul.migration.v1.PageStreamOpen.codec:type_name -> phaul.migration.v1.Codec
-	27, // 16: phaul.migration.v1.PageStreamRequest.open:type_name -> phaul.migration.v1.PageStreamOpen
-	26, // 17: phaul.migration.v1.PageStreamRequest.batch:type_name -> phaul.migration.v1.PageBatch
-	3,  // 18: phaul.migration.v1.Control.Hello:input_type -> phaul.migration.v1.HelloRequest
-	6,  // 19: phaul.migration.v1.Control.StartMigration:input_type -> phaul.migration.v1.StartMigrationRequest
-	9,  // 20: phaul.migration.v1.Control.BeginRound:input_type -> phaul.migration.v1.BeginRoundRequest
-	11, // 21: phaul.migration.v1.Control.RoundDone:input_type -> phaul.migration.v1.RoundDoneRequest
-	15, // 22: phaul.migration.v1.Control.Freeze:input_type -> phaul.migration.v1.FreezeRequest
-	17, // 23: phaul.migration.v1.Control.Restore:input_type -> phaul.migration.v1.RestoreRequest
-	19, // 24: phaul.migration.v1.Control.Commit:input_type -> phaul.migration.v1.CommitRequest
-	21, // 25: phaul.migration.v1.Control.Confirm:input_type -> phaul.migration.v1.ConfirmRequest
-	23, // 26: phaul.migration.v1.Control.Abort:input_type -> phaul.migration.v1.AbortRequest
-	28, // 27: phaul.migration.v1.Pages.Stream:input_type -> phaul.migration.v1.PageStreamRequest
-	4,  // 28: phaul.migration.v1.Control.Hello:output_type -> phaul.migration.v1.HelloResponse
-	7,  // 29: phaul.migration.v1.Control.StartMigration:output_type -> phaul.migration.v1.StartMigrationResponse
-	10, // 30: phaul.migration.v1.Control.BeginRound:output_type -> phaul.migration.v1.BeginRoundResponse
-	12, // 31: phaul.migration.v1.Control.RoundDone:output_type -> phaul.migration.v1.RoundDoneResponse
-	16, // 32: phaul.migration.v1.Control.Freeze:output_type -> phaul.migration.v1.FreezeResponse
-	18, // 33: phaul.migration.v1.Control.Restore:output_type -> phaul.migration.v1.RestoreResponse
-	20, // 34: phaul.migration.v1.Control.Commit:output_type -> phaul.migration.v1.CommitResponse
-	22, // 35: phaul.migration.v1.Control.Confirm:output_type -> phaul.migration.v1.ConfirmResponse
-	24, // 36: phaul.migration.v1.Control.Abort:output_type -> phaul.migration.v1.AbortResponse
-	29, // 37: phaul.migration.v1.Pages.Stream:output_type -> phaul.migration.v1.PageAck
-	28, // [28:38] is the sub-list for method output_type
-	18, // [18:28] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	18, // 12: phaul.migration.v1.FreezeResponse.restored:type_name -> phaul.migration.v1.RestoreResponse
+	1,  // 13: phaul.migration.v1.PageRun.kind:type_name -> phaul.migration.v1.PageKind
+	25, // 14: phaul.migration.v1.PageBatch.runs:type_name -> phaul.migration.v1.PageRun
+	0,  // 15: phaul.migration.v1.PageBatch.codec:type_name -> phaul.migration.v1.Codec
+	0,  // 16: phaul.migration.v1.PageStreamOpen.codec:type_name -> phaul.migration.v1.Codec
+	27, // 17: phaul.migration.v1.PageStreamRequest.open:type_name -> phaul.migration.v1.PageStreamOpen
+	26, // 18: phaul.migration.v1.PageStreamRequest.batch:type_name -> phaul.migration.v1.PageBatch
+	3,  // 19: phaul.migration.v1.Control.Hello:input_type -> phaul.migration.v1.HelloRequest
+	6,  // 20: phaul.migration.v1.Control.StartMigration:input_type -> phaul.migration.v1.StartMigrationRequest
+	9,  // 21: phaul.migration.v1.Control.BeginRound:input_type -> phaul.migration.v1.BeginRoundRequest
+	11, // 22: phaul.migration.v1.Control.RoundDone:input_type -> phaul.migration.v1.RoundDoneRequest
+	15, // 23: phaul.migration.v1.Control.Freeze:input_type -> phaul.migration.v1.FreezeRequest
+	17, // 24: phaul.migration.v1.Control.Restore:input_type -> phaul.migration.v1.RestoreRequest
+	19, // 25: phaul.migration.v1.Control.Commit:input_type -> phaul.migration.v1.CommitRequest
+	21, // 26: phaul.migration.v1.Control.Confirm:input_type -> phaul.migration.v1.ConfirmRequest
+	23, // 27: phaul.migration.v1.Control.Abort:input_type -> phaul.migration.v1.AbortRequest
+	28, // 28: phaul.migration.v1.Pages.Stream:input_type -> phaul.migration.v1.PageStreamRequest
+	4,  // 29: phaul.migration.v1.Control.Hello:output_type -> phaul.migration.v1.HelloResponse
+	7,  // 30: phaul.migration.v1.Control.StartMigration:output_type -> phaul.migration.v1.StartMigrationResponse
+	10, // 31: phaul.migration.v1.Control.BeginRound:output_type -> phaul.migration.v1.BeginRoundResponse
+	12, // 32: phaul.migration.v1.Control.RoundDone:output_type -> phaul.migration.v1.RoundDoneResponse
+	16, // 33: phaul.migration.v1.Control.Freeze:output_type -> phaul.migration.v1.FreezeResponse
+	18, // 34: phaul.migration.v1.Control.Restore:output_type -> phaul.migration.v1.RestoreResponse
+	20, // 35: phaul.migration.v1.Control.Commit:output_type -> phaul.migration.v1.CommitResponse
+	22, // 36: phaul.migration.v1.Control.Confirm:output_type -> phaul.migration.v1.ConfirmResponse
+	24, // 37: phaul.migration.v1.Control.Abort:output_type -> phaul.migration.v1.AbortResponse
+	29, // 38: phaul.migration.v1.Pages.Stream:output_type -> phaul.migration.v1.PageAck
+	29, // [29:39] is the sub-list for method output_type
+	19, // [19:29] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_migration_proto_init() }

@@ -80,7 +80,9 @@ type ControlClient interface {
 	// RoundDone closes a pre-copy round: every page of the round was
 	// acknowledged on the page stream.
 	RoundDone(ctx context.Context, in *RoundDoneRequest, opts ...grpc.CallOption) (*RoundDoneResponse, error)
-	// Freeze delivers the final state of the frozen tree.
+	// Freeze delivers the final state of the frozen tree. With restore set,
+	// the target also restores the tree and answers when it is ready to
+	// resume, as Restore does: one round trip less in the downtime.
 	Freeze(ctx context.Context, in *FreezeRequest, opts ...grpc.CallOption) (*FreezeResponse, error)
 	// Restore asks the target to restore the tree, stopped, and answers when
 	// it is ready to resume.
@@ -216,7 +218,9 @@ type ControlServer interface {
 	// RoundDone closes a pre-copy round: every page of the round was
 	// acknowledged on the page stream.
 	RoundDone(context.Context, *RoundDoneRequest) (*RoundDoneResponse, error)
-	// Freeze delivers the final state of the frozen tree.
+	// Freeze delivers the final state of the frozen tree. With restore set,
+	// the target also restores the tree and answers when it is ready to
+	// resume, as Restore does: one round trip less in the downtime.
 	Freeze(context.Context, *FreezeRequest) (*FreezeResponse, error)
 	// Restore asks the target to restore the tree, stopped, and answers when
 	// it is ready to resume.
