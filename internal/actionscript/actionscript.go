@@ -18,7 +18,7 @@ type Action string
 
 // The points, in the order a migration meets them. The source meets
 // network-lock (its process is frozen and its connections held), post-dump
-// (the target has the final state), post-resume (the process runs on the
+// (its state is collected, about to go to the target), post-resume (the process runs on the
 // target), network-unlock (the source lock is gone), or rollback instead of
 // the last two. The target meets network-lock (the restored connections
 // are held), pre-resume, post-resume and network-unlock, or rollback.
