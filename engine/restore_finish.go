@@ -83,46 +83,39 @@ func (r *restorer) prepare() error {
 func (r *restorer) setIdentity() error {
 	in, p := r.main, r.img
 	entry := r.entry
+	// One batch: the paths go to the scratch first.
+	const pathMax = 4096
+	rootAt, cwdAt := r.scratch, r.scratch+pathMax
+	for _, path := range []string{p.Root, p.Cwd} {
+		if len(path) >= pathMax {
+			return fmt.Errorf("%w: path of %d bytes", ErrBadImage, len(path))
+		}
+	}
+	if err := errors.Join(in.WriteMemory(rootAt, ptrace.CString(p.Root)), in.WriteMemory(cwdAt, ptrace.CString(p.Cwd))); err != nil {
+		return err
+	}
+	var c calls
 	switch {
 	case r.idsSet:
 		// Set when the process was created (restore_tree.go).
 	case r.shellJob:
 		// A shell job joins the restorer's session and terminal.
 	case entry.GetSid() == int32(r.pid):
-		if _, err := in.Syscall(sys.SYS_SETSID); err != nil {
-			return fmt.Errorf("setsid: %w", err)
-		}
+		c.add("setsid", sys.SYS_SETSID)
 	case entry.GetPgid() == int32(r.pid):
-		if _, err := in.Syscall(sys.SYS_SETPGID, 0, 0); err != nil {
-			return fmt.Errorf("setpgid: %w", err)
-		}
+		c.add("setpgid", sys.SYS_SETPGID, 0, 0)
 	}
 	if p.Root != "/" {
-		if err := in.WriteMemory(r.scratch, ptrace.CString(p.Root)); err != nil {
-			return err
-		}
-		if _, err := in.Syscall(sys.SYS_CHROOT, r.scratch); err != nil {
-			return fmt.Errorf("chroot %s: %w", p.Root, err)
-		}
+		c.add("chroot "+p.Root, sys.SYS_CHROOT, rootAt)
 	}
-	if err := in.WriteMemory(r.scratch, ptrace.CString(p.Cwd)); err != nil {
-		return err
-	}
-	if _, err := in.Syscall(sys.SYS_CHDIR, r.scratch); err != nil {
-		return fmt.Errorf("chdir %s: %w", p.Cwd, err)
-	}
-	if _, err := in.Syscall(sys.SYS_UMASK, uint64(p.Umask)); err != nil {
-		return fmt.Errorf("umask: %w", err)
-	}
-	if _, err := in.Syscall(sys.SYS_PERSONALITY, uint64(p.Personality)); err != nil {
-		return fmt.Errorf("personality %#x: %w", p.Personality, err)
-	}
+	c.add("chdir "+p.Cwd, sys.SYS_CHDIR, cwdAt)
+	c.add("umask", sys.SYS_UMASK, uint64(p.Umask))
+	c.add(fmt.Sprintf("personality %#x", p.Personality), sys.SYS_PERSONALITY, uint64(p.Personality))
 	if p.NoNewPrivs {
-		if _, err := in.Syscall(sys.SYS_PRCTL, sys.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-			return fmt.Errorf("no_new_privs: %w", err)
-		}
+		c.add("no_new_privs", sys.SYS_PRCTL, sys.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 	}
-	return nil
+	_, err := c.run(in)
+	return err
 }
 
 // setFiles makes the process's descriptor table the image's.
@@ -140,21 +133,21 @@ func (r *restorer) setFiles() error {
 	for _, fd := range r.img.Fds {
 		base = max(base, int(fd.Fd)+1)
 	}
-	for i := 0; i < 3; i++ {
-		if _, err := in.Syscall(sys.SYS_DUP3, uint64(i), uint64(base+i), sys.O_CLOEXEC); err != nil {
-			return fmt.Errorf("park stdio %d: %w", i, err)
-		}
-	}
 	open, err := proc.ListFDs(r.pid)
 	if err != nil {
 		return err
 	}
+	var c calls
+	for i := 0; i < 3; i++ {
+		c.add(fmt.Sprintf("park stdio %d", i), sys.SYS_DUP3, uint64(i), uint64(base+i), sys.O_CLOEXEC)
+	}
 	for _, fd := range open {
 		if fd < base || fd > base+2 {
-			if _, err := in.Syscall(sys.SYS_CLOSE, uint64(fd)); err != nil {
-				return fmt.Errorf("close stub descriptor %d: %w", fd, err)
-			}
+			c.add(fmt.Sprintf("close stub descriptor %d", fd), sys.SYS_CLOSE, uint64(fd))
 		}
+	}
+	if _, err := c.run(in); err != nil {
+		return err
 	}
 	opened := map[uint32]int32{}   // file id -> first descriptor restored for it
 	inherited := map[uint32]bool{} // file ids another process made (it set them up)
