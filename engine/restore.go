@@ -116,9 +116,13 @@ type restorer struct {
 
 	pid     int
 	started time.Time
-	chain   *image.Chain
-	log     *slog.Logger
-	tr      *ptrace.Tracer
+	// stubStatus is the status of a thread as the stub made it, read once:
+	// every thread starts with the stub's credentials (created by the
+	// main thread before it takes its own), so setCreds needs one read.
+	stubStatus *proc.Status
+	chain      *image.Chain
+	log        *slog.Logger
+	tr         *ptrace.Tracer
 	// vmas is the layout the process has now.
 	vmas []*imagepb.VMA
 

@@ -673,11 +673,14 @@ func (r *restorer) setCreds(in *ptrace.Injector, cl *calls) error {
 	if c == nil || len(c.Uid) != 4 || len(c.Gid) != 4 {
 		return nil
 	}
-	have, err := proc.ReadStatus(r.pid, in.Tid)
-	if err != nil {
-		return err
+	if r.stubStatus == nil {
+		st, err := proc.ReadStatus(r.pid, in.Tid)
+		if err != nil {
+			return err
+		}
+		r.stubStatus = st
 	}
-	if sameCreds(c, have) {
+	if sameCreds(c, r.stubStatus) {
 		return nil // what the thread has from the restorer
 	}
 	if len(c.Groups) > 1024 {
