@@ -149,14 +149,13 @@ func (fz *Frozen) collect(ctx context.Context, opt FreezeOptions) ([]any, error)
 	c := fz.c
 	var timing []any
 	err := fz.tr.Do(func() error {
-		f := c.frozen
 		// Tracking is resumed before mappings and descriptors are
 		// collected: it registers mappings and keeps a descriptor.
 		var t tracker.Tracker
 		if opt.TrackerDir != "" {
 			t1 := time.Now()
 			var err error
-			if t, err = resumeTracking(ctx, f, opt, opt.Logger); err != nil {
+			if t, err = resumeTracking(ctx, c, opt, opt.Logger); err != nil {
 				return err
 			}
 			timing = append(timing, "tracker_resume", time.Since(t1))
@@ -227,12 +226,11 @@ func (fz *Frozen) collectFDs(ft *fileTable) error {
 }
 
 // resumeTracking takes up the tracking parked in opt.TrackerDir on the
-// frozen process; nil when there is no state to take up.
+// process frozen as c.frozen; nil when there is no state to take up.
 //
-// Precondition: called on the Tracer thread, with the process frozen as f.
-func resumeTracking(ctx context.Context, f *ptrace.Frozen, opt FreezeOptions, log *slog.Logger) (tracker.Tracker, error) {
-	ctl := tracker.StoppedControl(f.Pid, f.Tids[0], 0)
-	t, err := tracker.Resume(ctx, f.Pid, opt.TrackerDir, tracker.Options{Control: ctl, Logger: log})
+// Precondition: called on the Tracer thread.
+func resumeTracking(ctx context.Context, c *collector, opt FreezeOptions, log *slog.Logger) (tracker.Tracker, error) {
+	t, err := tracker.Resume(ctx, c.pid, opt.TrackerDir, tracker.Options{Control: trackerControl{c}, Logger: log})
 	if errors.Is(err, tracker.ErrNoState) {
 		log.Warn("no tracking state: every page counts as written", "dir", opt.TrackerDir)
 		return nil, nil
@@ -240,8 +238,21 @@ func resumeTracking(ctx context.Context, f *ptrace.Frozen, opt FreezeOptions, lo
 	return t, err
 }
 
+// trackerControl is the Control of the tracking on a frozen process: it
+// injects through the collector's gadget once it is found (until then,
+// the tracker looks for one in the [vdso] itself).
+//
+// Precondition: Stopped is called on the Tracer thread.
+type trackerControl struct{ c *collector }
+
+func (tc trackerControl) Stopped(fn func(sc tracker.Syscaller) error) error {
+	return tracker.StoppedControl(tc.c.pid, tc.c.frozen.Tids[0], tc.c.gadget).Stopped(fn)
+}
+
 // Resume lets the process run again as it was (signals taken off it while
-// freezing are queued again).
+// freezing are queued again). Tracking still registered is removed first
+// (after Hold too: the held process is stopped by then, and phaul's copy
+// of the userfaultfd is released).
 func (f *Frozen) Resume() error {
 	if f.done {
 		return nil
@@ -273,13 +284,15 @@ func (f *Frozen) Kill() error {
 	// network lock stays until Restore.
 	defer closeSockets(f.sockets)
 	return f.tr.Do(func() error {
-		var err error
+		err := f.c.frozen.Kill()
 		if f.tracker != nil {
-			// The registrations and the parked descriptor die with it.
-			err = f.tracker.Close()
+			// The registrations and the parked descriptor die with it;
+			// phaul's copy is closed after, when there is no memory left
+			// to unregister (after Hold, it is the last reference).
+			err = errors.Join(err, f.tracker.Close())
 			f.tracker = nil
 		}
-		return errors.Join(f.c.frozen.Kill(), err)
+		return err
 	})
 }
 

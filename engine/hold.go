@@ -15,24 +15,26 @@ import (
 // Resume, or phaul dying (the kernel detaches it), leaves it stopped by job
 // control, not running: SIGCONT resumes it. On error it is not sent
 // SIGSTOP, and Resume resumes it.
+//
+// Tracking kept registered (FreezeOptions.KeepTracking) stays so, but the
+// userfaultfd parked in the process is closed there: a process let go
+// keeps no descriptor it never opened. Kill, Resume and Close release
+// phaul's copy, the last one, after the commit window.
 func (f *Frozen) Hold() error {
 	if f.done {
 		return errors.New("hold: process already resumed or killed")
 	}
 	return f.tr.Do(func() error {
-		if f.tracker != nil {
-			// Removing tracking walks every page table: time inside the
-			// downtime, for the rare case of an unknown commit. It stays
-			// registered (write-protect is asynchronous: a process that is
-			// resumed by hand runs unhindered, with the userfaultfd left
-			// open in it); only phaul's copy is released.
-			if err := f.tracker.Close(); err != nil {
-				return fmt.Errorf("hold %d: %w", f.Pid, err)
-			}
-			f.tracker = nil
-		}
 		if f.c.frozen == nil {
 			return fmt.Errorf("hold %d: not frozen", f.Pid)
+		}
+		if f.tracker != nil {
+			// One injected close(2), and phaul's copy kept open: with the
+			// last reference gone the kernel would unregister every
+			// mapping, walking its page tables, inside the downtime.
+			if err := f.tracker.CloseProcessFD(); err != nil {
+				return fmt.Errorf("hold %d: %w", f.Pid, err)
+			}
 		}
 		if err := f.c.frozen.Requeue(f.c.gadget); err != nil {
 			return fmt.Errorf("hold %d: %w", f.Pid, err)
@@ -46,9 +48,9 @@ func (f *Frozen) Hold() error {
 	})
 }
 
-// ResumeHeld resumes a held process for good: Resume, then SIGCONT for the
-// stop Hold queued. It is for a commit the target refused outright, when
-// the process certainly runs nowhere else.
+// ResumeHeld resumes a held process for good: Resume (which removes the
+// tracking), then SIGCONT for the stop Hold queued. It is for a commit the
+// target refused outright, when the process certainly runs nowhere else.
 func (f *Frozen) ResumeHeld() error {
 	err := f.Resume()
 	return errors.Join(err, sys.Kill(f.Pid, sys.SIGCONT))

@@ -9,6 +9,7 @@ import (
 	"github.com/phaul/phaul/engine"
 	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/internal/testutil"
+	"github.com/phaul/phaul/tracker"
 )
 
 // TestHold holds a frozen process for a commit: let go, it stays stopped
@@ -31,21 +32,7 @@ func TestHold(t *testing.T) {
 	if err := fz.Resume(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(3 * time.Second)
-	for {
-		st, err := testutil.ReadProcStat(w.Pid)
-		if err != nil {
-			t.Fatal(err)
-		}
-		status, _ := testutil.ProcStatus(w.Pid, w.Pid)
-		if st.State == 'T' && status["TracerPid"] == "0" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after Hold and Resume: state %c, tracer %s; want stopped, untraced", st.State, status["TracerPid"])
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitHeld(t, w.Pid)
 	if err := sys.Kill(w.Pid, sys.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
@@ -63,4 +50,117 @@ func TestHold(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.waitGone(t)
+}
+
+// TestHoldTracked holds a process whose tracking stays registered while
+// frozen (KeepTracking, as a migration does): Hold closes the userfaultfd
+// parked in it but keeps phaul's copy, so that nothing is unregistered in
+// the downtime. Let go with the commit's outcome unknown, the process
+// keeps no userfaultfd and no registered mapping; resumed after a refused
+// commit, it runs untracked; killed, it leaves nothing behind.
+func TestHoldTracked(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("freezing a process needs root (ptrace)")
+	}
+	testutil.SkipIfNotSupported(t, tracker.Supported(tracker.UffdWP))
+	w := startRewrite(t, "--pages", "256", "--hot", "8", "--rate", "500")
+	ours := countUffds(t, os.Getpid())
+	freeze := func() *engine.Frozen {
+		t.Helper()
+		ctx := context.Background()
+		tr, err := tracker.Start(ctx, w.Pid, tracker.Options{Backend: tracker.UffdWP})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dir := t.TempDir()
+		if err := tr.Park(dir); err != nil {
+			_ = tr.Stop()
+			t.Fatal(err)
+		}
+		fz, err := engine.Freeze(ctx, engine.FreezeOptions{Pid: w.Pid, TrackerDir: dir, KeepTracking: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = fz.Close() })
+		if n := countUffds(t, w.Pid); n != 1 {
+			t.Fatalf("tracked process holds %d userfaultfds, want 1", n)
+		}
+		if err := fz.Hold(); err != nil {
+			t.Fatal(err)
+		}
+		if n := countUffds(t, w.Pid); n != 0 {
+			t.Errorf("held process holds %d userfaultfds, want none", n)
+		}
+		// Unregistering walks the page tables: not in the downtime.
+		if !hasFlag(t, w.Pid, "uw") {
+			t.Errorf("Hold unregistered the mappings")
+		}
+		if n := countUffds(t, os.Getpid()) - ours; n != 1 {
+			t.Errorf("phaul holds %d more userfaultfds while holding, want 1", n)
+		}
+		return fz
+	}
+	released := func(how string) {
+		t.Helper()
+		if n := countUffds(t, w.Pid); n != 0 {
+			t.Errorf("after %s the process holds %d userfaultfds", how, n)
+		}
+		if hasFlag(t, w.Pid, "uw") {
+			t.Errorf("after %s a mapping is still registered (uw)", how)
+		}
+		if n := countUffds(t, os.Getpid()) - ours; n != 0 {
+			t.Errorf("after %s phaul holds %d more userfaultfds", how, n)
+		}
+	}
+
+	// The commit's outcome unknown: let go, it stops.
+	fz := freeze()
+	if err := fz.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	waitHeld(t, w.Pid)
+	released("Hold and Resume")
+	if err := sys.Kill(w.Pid, sys.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	w.mustCheck(t)
+
+	// Refused: it runs again.
+	fz = freeze()
+	if err := fz.ResumeHeld(); err != nil {
+		t.Fatal(err)
+	}
+	released("Hold and ResumeHeld")
+	w.mustCheck(t)
+
+	// Committed: killed.
+	fz = freeze()
+	if err := fz.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	w.waitGone(t)
+	if n := countUffds(t, os.Getpid()) - ours; n != 0 {
+		t.Errorf("after Hold and Kill phaul holds %d more userfaultfds", n)
+	}
+}
+
+// waitHeld waits until process pid, let go after Hold, is stopped by job
+// control and untraced.
+func waitHeld(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		st, err := testutil.ReadProcStat(pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		status, _ := testutil.ProcStatus(pid, pid)
+		if st.State == 'T' && status["TracerPid"] == "0" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after Hold and Resume: state %c, tracer %s; want stopped, untraced", st.State, status["TracerPid"])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

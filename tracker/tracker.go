@@ -78,6 +78,16 @@ type Tracker interface {
 	// ProcessFD returns the descriptor that tracking keeps open inside the
 	// process (the parked userfaultfd), or -1 when it keeps none.
 	ProcessFD() int
+	// CloseProcessFD closes the descriptor ProcessFD returns inside the
+	// process, by one injected close(2) (not if the process closed the
+	// number itself since), and changes nothing else: the registrations
+	// stay while the tracker holds its own copy, until Stop removes them or
+	// Close releases that last reference (the kernel then unregisters
+	// every mapping, walking its page tables). It is for a process to be
+	// let go with no descriptor it never opened, at the cost of one
+	// system call. ProcessFD returns -1 after it; Park can no longer be
+	// called. It does nothing for a backend that keeps no descriptor.
+	CloseProcessFD() error
 }
 
 // Delta is the answer of one round.
@@ -312,6 +322,10 @@ func newBase(pid int, name string, opt Options) (*base, error) {
 func (b *base) Backend() string { return b.name }
 func (b *base) Pid() int        { return b.pid }
 func (b *base) ProcessFD() int  { return -1 }
+
+// CloseProcessFD is a no-op for the backends that keep no descriptor in
+// the process.
+func (b *base) CloseProcessFD() error { return nil }
 
 // Saved is a no-op for the backends that track writes, not contents.
 func (b *base) Saved(uint64, []byte) {}

@@ -359,21 +359,7 @@ func (t *uffdTracker) Park(dir string) error {
 func (t *uffdTracker) Stop() error {
 	var errs []error
 	if _, err := startTime(t.pid); err == nil && t.pm != nil {
-		errs = append(errs, t.unregisterAll())
-		if t.parked >= 0 {
-			errs = append(errs, t.ctl.Stopped(func(sc Syscaller) error {
-				// The number may have been closed and reused by the
-				// process since: close it only if it is still ours.
-				if !t.isParked(t.parked, t.ino) {
-					t.log.Info("parked userfaultfd already closed by the process", "fd", t.parked)
-					return nil
-				}
-				if _, err := sc.Syscall(sys.SYS_CLOSE, uint64(t.parked)); err != nil {
-					return fmt.Errorf("close parked userfaultfd %d: %w", t.parked, err)
-				}
-				return nil
-			}))
-		}
+		errs = append(errs, t.unregisterAll(), t.closeParked())
 	}
 	errs = append(errs, t.Close())
 	if err := errors.Join(errs...); err != nil {
@@ -382,6 +368,31 @@ func (t *uffdTracker) Stop() error {
 	t.log.Debug("tracking stopped")
 	return nil
 }
+
+// closeParked closes the parked userfaultfd inside the process, with the
+// process stopped by t.ctl.
+func (t *uffdTracker) closeParked() error {
+	if t.parked < 0 {
+		return nil
+	}
+	return t.ctl.Stopped(func(sc Syscaller) error {
+		// The number may have been closed and reused by the process
+		// since: close it only if it is still ours.
+		if !t.isParked(t.parked, t.ino) {
+			t.log.Info("parked userfaultfd already closed by the process", "fd", t.parked)
+			t.parked = -1
+			return nil
+		}
+		if _, err := sc.Syscall(sys.SYS_CLOSE, uint64(t.parked)); err != nil {
+			return fmt.Errorf("close parked userfaultfd %d: %w", t.parked, err)
+		}
+		t.log.Debug("parked userfaultfd closed", "fd", t.parked)
+		t.parked = -1
+		return nil
+	})
+}
+
+func (t *uffdTracker) CloseProcessFD() error { return t.gone(t.closeParked()) }
 
 // unregisterAll removes the write-protect registration from every mapping
 // of the process that has one.
