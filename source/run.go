@@ -264,23 +264,6 @@ func (m *migration) abort(reason string) {
 	}
 }
 
-// untrack removes the dirty tracking that Hold left registered in the
-// original (its userfaultfd, parked in the process, and the write-protect
-// registrations), once the original runs again after a rollback: it is
-// taken up from dir and stopped, which stops the process a moment for one
-// injected close. It is not done when the commit's outcome is unknown:
-// the original then stays stopped by SIGSTOP, and injecting into it would
-// need ptrace on a process stopped by job control.
-func (m *migration) untrack(dir string) {
-	t, err := tracker.Resume(context.Background(), m.cfg.Pid, dir, tracker.Options{Logger: m.log})
-	if err == nil {
-		err = t.Stop()
-	}
-	if err != nil {
-		m.log.Warn("remove the tracking from the original", "err", err)
-	}
-}
-
 // call sends one request of step to the target, with the step deadline.
 func (m *migration) call(ctx context.Context, step string, fn func(context.Context) error) error {
 	return call(ctx, step, m.cfg.FreezeTimeout, fn)
@@ -480,7 +463,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	}
 	scripts := cfg.Scripts.With(append(actionscript.SocketEnv(eps), "PHAUL_SIDE=source",
 		"PHAUL_PID="+strconv.Itoa(cfg.Pid), "PHAUL_MIGRATION_ID="+m.id, "PHAUL_TARGET="+cfg.Target)...)
-	done, held := false, false
+	done := false
 	defer func() {
 		if !done {
 			// The scripts first: a service address moved away comes back
@@ -490,11 +473,9 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 			if err := scripts.Run(bg, actionscript.Rollback); err != nil {
 				m.log.Error("rollback", "err", err)
 			}
-			if err := fz.Resume(); err != nil {
+			if err := fz.Resume(); err != nil { // tracking removed too
 				m.resumeErr = err
 				m.log.Error("resume the original", "err", err)
-			} else if held {
-				m.untrack(dir)
 			}
 		}
 	}()
@@ -548,8 +529,8 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	res.Phases.ScriptsMS = ms(scriptTime)
 	// The commit window: from here an unanswered request leaves the
 	// outcome unknown, and the original must neither run nor die.
-	// Hold keeps the tracking registered (see m.untrack).
-	held = true
+	// Hold keeps the tracking registered, the userfaultfd out of the
+	// process; Kill or Resume removes the rest.
 	if err := fz.Hold(); err != nil { // let go from here on (Resume, or phaul dying), it stays stopped
 		return nil, err
 	}
@@ -566,10 +547,8 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		if err := scripts.Run(context.Background(), actionscript.Rollback); err != nil {
 			m.log.Error("rollback", "err", err)
 		}
-		if err := fz.ResumeHeld(); err != nil {
+		if err := fz.ResumeHeld(); err != nil { // tracking removed too
 			m.log.Error("resume the original", "err", err)
-		} else {
-			m.untrack(dir)
 		}
 		return nil, fmt.Errorf("%w: %v", ErrCommitRefused, status.Convert(err).Message())
 	}
