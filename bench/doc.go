@@ -15,6 +15,13 @@
 // written as JSON, a Markdown report with medians and spreads
 // (WriteMarkdown), and SVG plots (Plots).
 //
+// Before the runs, the bench measures the three rates that bound a
+// migration's total time (Bandwidth): how fast process_vm_readv reads
+// memory, the TCP throughput from the source host to the target host, and
+// the page codec's throughput on the workload's data. A run's bound is its
+// memory size over the slowest of them; the target is a total time of at
+// most BoundFactor (1.3) times the bound.
+//
 // With Config.TCPClients the workload is also a server, and clients on a
 // third host (NewClientHosts) stay connected to it through each
 // migration, which carries the connections and moves the service address

@@ -11,6 +11,9 @@ import (
 // line per run.
 func ProgressPrinter(w io.Writer, terminal bool) func(Progress) {
 	return func(p Progress) {
+		if p.Last == nil && p.Bandwidth != nil {
+			fmt.Fprintf(w, "bench: bandwidth: %s\n", p.Bandwidth)
+		}
 		if terminal {
 			const width = 30
 			filled := 0

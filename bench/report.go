@@ -10,6 +10,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/phaul/phaul/pagestream"
 )
 
 // Run is the outcome of one measured migration.
@@ -66,6 +68,12 @@ type Run struct {
 	// source, the serve process on the target (during the migration).
 	SourceCPU float64 `json:"source_cpu_s"`
 	TargetCPU float64 `json:"target_cpu_s"`
+	// BoundMS is the run's bandwidth bound (Bandwidth.Bound: the memory
+	// over the slowest of the measured read, link and compression rates)
+	// and BoundRatio TotalMS over it, whose target is at most
+	// BoundFactor; both 0 when the bound is not known.
+	BoundMS    float64 `json:"bound_ms,omitempty"`
+	BoundRatio float64 `json:"total_bound_ratio,omitempty"`
 	// Checked is set when the workload verified all of its memory after
 	// the migration.
 	Checked bool `json:"self_check_ok"`
@@ -79,6 +87,9 @@ type Results struct {
 	Host    string    `json:"host"`
 	Kernel  string    `json:"kernel"`
 	Command string    `json:"command"`
+	// Bandwidth is what the machine's read, link and compression stages
+	// did, measured before the runs (nil when not measured).
+	Bandwidth *Bandwidth `json:"bandwidth,omitempty"`
 	// Notes say what was not run, and why.
 	Notes []string `json:"notes,omitempty"`
 	Runs  []Run    `json:"runs"`
@@ -110,6 +121,7 @@ func Summarize(xs []float64) Summary {
 // group is the runs of one (config, memory, dirty rate) point.
 type group struct {
 	config   string
+	variant  Variant
 	workload string
 	mem      int64
 	dirty    int
@@ -124,7 +136,7 @@ func groups(runs []Run) []*group {
 		k := fmt.Sprintf("%s|%s|%d|%d", r.Config, r.Workload, r.MemBytes, r.DirtyRate)
 		g := idx[k]
 		if g == nil {
-			g = &group{config: r.Config, workload: r.Workload, mem: r.MemBytes, dirty: r.DirtyRate}
+			g = &group{config: r.Config, variant: r.Variant, workload: r.Workload, mem: r.MemBytes, dirty: r.DirtyRate}
 			idx[k] = g
 			out = append(out, g)
 		}
@@ -254,6 +266,9 @@ func WriteMarkdown(w io.Writer, res *Results) error {
 			b.WriteString("\n")
 		}
 	}
+	if lines := boundLines(res.Bandwidth, gs); len(lines) > 0 {
+		b.WriteString(strings.Join(lines, "\n") + "\n")
+	}
 	if len(res.Notes) > 0 {
 		b.WriteString("\n## Notes\n\n")
 		for _, n := range res.Notes {
@@ -272,6 +287,58 @@ func WriteMarkdown(w io.Writer, res *Results) error {
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// boundLines is the "Bandwidth bound" section: the measured rates, and
+// for each point its median total time against its bound (nothing
+// without measured rates).
+func boundLines(bw *Bandwidth, gs []*group) []string {
+	if bw == nil {
+		return nil
+	}
+	out := []string{"", "## Bandwidth bound", "",
+		fmt.Sprintf("Measured here before the runs, in MB/s (10^6 bytes/s) of raw memory: read %s (process_vm_readv of %s in %s batches), "+
+			"link %s (one TCP connection from the source host to the target host, %s)%s. "+
+			"Bound = memory ÷ the slowest of read, link and compression (for the point's codec and data); ratio = median total ÷ bound; the target is a ratio ≤ %.1f.",
+			formatMBps(bw.ReadMBps), sizeString(bw.ReadBytes), sizeString(ReadBatchBytes), formatMBps(bw.LinkMBps), sizeString(bw.LinkBytes),
+			compressPhrase(bw.Compress), BoundFactor),
+		"",
+		"| config | workload | memory | dirty pages/s | total ms | bound ms | limited by | ratio | target met |",
+		"|---|---|---|---|---|---|---|---|---|"}
+	for _, g := range gs {
+		total := metric(g.runs, func(r Run) float64 { return r.TotalMS })
+		bound, ok := bw.Bound(g.mem, g.variant.Compress, g.workload)
+		totalCell, boundCell, limit, ratio, met := "–", "–", "–", "–", "–"
+		if total.N > 0 {
+			totalCell = fmt.Sprintf("%.0f", total.Median)
+		}
+		if ok {
+			boundCell, limit = fmt.Sprintf("%.0f", bound.MS), bound.Limit
+		}
+		if ok && total.N > 0 {
+			r := total.Median / bound.MS
+			ratio, met = fmt.Sprintf("%.2f", r), "no"
+			if r <= BoundFactor {
+				met = "yes"
+			}
+		}
+		out = append(out, fmt.Sprintf("| %s | %s | %s | %d | %s | %s | %s | %s | %s |",
+			g.config, g.workload, sizeString(g.mem), g.dirty, totalCell, boundCell, limit, ratio, met))
+	}
+	return out
+}
+
+// compressPhrase lists the compression rates for boundLines.
+func compressPhrase(cs []CompressRate) string {
+	if len(cs) == 0 {
+		return ""
+	}
+	var parts []string
+	for _, c := range cs {
+		parts = append(parts, fmt.Sprintf("%s on %s pages %s (to %.0f%%)", c.Codec, c.Data, formatMBps(c.MBps), 100*c.Ratio))
+	}
+	return fmt.Sprintf(", compression %s (%s batches, %d workers)", strings.Join(parts, ", "),
+		sizeString(pagestream.DefaultBatchBytes), pagestream.DefaultWorkers)
 }
 
 // clientLines says, for each point with clients, how their stall compares

@@ -63,6 +63,9 @@ type Progress struct {
 	Done, Total int
 	// Last is the run that just ended (nil before the first).
 	Last *Run
+	// Bandwidth is the measured bandwidth, given before the first run
+	// (nil when not measured).
+	Bandwidth *Bandwidth
 }
 
 // The default matrix.
@@ -134,6 +137,11 @@ type runner struct {
 // included. On cancellation it returns what was measured so far with the
 // context's error. Every process it started is gone when it returns.
 //
+// Before the runs it measures the machine's read, link (source host to
+// target host) and compression rates once (Results.Bandwidth, about a
+// second), and gives each successful run its bandwidth bound (Run.BoundMS
+// and BoundRatio).
+//
 // With TCPClients, the session runs on three hosts (NewClientHosts) and
 // in every run the workload serves TCP and UDP at the service address;
 // the clients connect from the client host and must all have received
@@ -184,6 +192,10 @@ func RunBench(ctx context.Context, cfg Config) (*Results, error) {
 		return hosts.StartServe(ctx, 7000+i%1000, fmt.Sprintf("run%03d-serve.log", i))
 	}
 	r.migrate = r.phaulMigrate
+	if res.Bandwidth, err = measureBandwidth(ctx, hosts.Source, hosts.Target, cases, res); err != nil {
+		res.Notes = append(res.Notes, fmt.Sprintf("Interrupted while measuring the bandwidth, before the first of %d runs.", len(cases)))
+		return res, err
+	}
 	return res, r.runAll(ctx, cases, res)
 }
 
@@ -290,7 +302,7 @@ func (r *runner) runAll(ctx context.Context, cases []runCase, res *Results) erro
 	if progress == nil {
 		progress = func(Progress) {}
 	}
-	progress(Progress{Total: len(cases)})
+	progress(Progress{Total: len(cases), Bandwidth: res.Bandwidth})
 	for i, c := range cases {
 		if err := ctx.Err(); err != nil {
 			res.Notes = append(res.Notes, fmt.Sprintf("Interrupted after %d of %d runs.", i, len(cases)))
@@ -302,6 +314,7 @@ func (r *runner) runAll(ctx context.Context, cases []runCase, res *Results) erro
 			res.Notes = append(res.Notes, fmt.Sprintf("Interrupted after %d of %d runs.", i, len(cases)))
 			return ctx.Err()
 		}
+		boundRun(res.Bandwidth, &run)
 		res.Runs = append(res.Runs, run)
 		progress(Progress{Done: i + 1, Total: len(cases), Last: &res.Runs[len(res.Runs)-1]})
 	}

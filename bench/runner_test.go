@@ -432,9 +432,18 @@ func TestBenchEndToEnd(t *testing.T) {
 	if len(res.Runs) != 2 || len(progress) != 3 || progress[2].Done != 2 {
 		t.Fatalf("%d runs, progress %+v", len(res.Runs), progress)
 	}
+	if bw := res.Bandwidth; bw == nil || bw.ReadMBps <= 0 || bw.LinkMBps <= 0 || len(bw.Compress) != 1 ||
+		bw.Compress[0].Codec != "s2" || bw.Compress[0].Data != "heap" || bw.Compress[0].MBps <= 0 || progress[0].Bandwidth != bw {
+		t.Errorf("bandwidth %+v", bw)
+	} else {
+		t.Logf("bandwidth: %s", bw)
+	}
 	for _, r := range res.Runs {
 		if r.Err != "" {
 			t.Fatalf("%s: %s", r.Config, r.Err)
+		}
+		if r.BoundMS <= 0 || r.BoundRatio != r.TotalMS/r.BoundMS {
+			t.Errorf("%s: bound %v ms, ratio %v, total %v ms", r.Config, r.BoundMS, r.BoundRatio, r.TotalMS)
 		}
 		t.Logf("%s: app %.1f ms, frozen %.1f ms %v, total %.0f ms, %d bytes, %d rounds %v, CPU %.2f s + %.2f s",
 			r.Config, *r.AppDowntimeMS, r.FrozenMS, r.Phases, r.TotalMS, r.Bytes, r.Rounds, r.RoundBytes, r.SourceCPU, r.TargetCPU)
