@@ -102,24 +102,41 @@ func (s *Service) Stream(stream migrationpb.Pages_StreamServer) error {
 	return err
 }
 
-// serve applies the batches of an open stream until it ends.
+// serve applies the batches of an open stream until it ends. A goroutine
+// receives and decodes them (decompression, checksum) while this one
+// applies them in order and acknowledges each: decoding the next batch
+// overlaps writing this one where it goes (a shadow process, for a
+// migration target).
 func (s *Service) serve(stream migrationpb.Pages_StreamServer, dec *pagestream.Decoder, store *Store, ack *migrationpb.PageAck, log *slog.Logger) error {
 	if err := stream.Send(ack); err != nil {
 		return err
 	}
-	for {
-		m, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
+	decoded := make(chan decodedBatch, decodeAhead)
+	stop := make(chan struct{})
+	defer func() {
+		close(stop)
+		go func() { // the receiver ends with the stream, after this returns
+			for d := range decoded {
+				d.release()
+			}
+		}()
+	}()
+	go s.receive(stream, dec, decoded, stop)
+	for d := range decoded {
+		switch {
+		case d.eof:
 			ack.Final = true
 			log.Debug("page stream done", "batches", ack.Batches, "pages", ack.PagesData, "zero", ack.PagesZero,
 				"gone", ack.PagesGone, "raw", ack.BytesRaw, "wire", ack.BytesWire)
 			return stream.Send(ack)
+		case d.err != nil:
+			if d.refused {
+				log.Warn("page batch refused", "err", d.err)
+			}
+			return d.err
 		}
-		if err != nil {
-			return err
-		}
-		err = s.apply(dec, store, m, ack)
-		releaseWire(m)
+		err := s.apply(store, d.b, ack)
+		d.release()
 		if err != nil {
 			log.Warn("page batch refused", "err", err)
 			return err
@@ -128,21 +145,73 @@ func (s *Service) serve(stream migrationpb.Pages_StreamServer, dec *pagestream.D
 			return err
 		}
 	}
+	return nil
 }
 
-// apply decodes one message of a stream and applies its batch, adding it
-// to the totals of ack.
-func (s *Service) apply(dec *pagestream.Decoder, store *Store, m *migrationpb.PageStreamRequest, ack *migrationpb.PageAck) error {
+// decodeAhead is how many decoded batches may wait for their turn to be
+// applied.
+const decodeAhead = 2
+
+// decodedBatch is what the receiving goroutine hands on: a batch, the end
+// of the stream, or why it broke.
+type decodedBatch struct {
+	b       *pagestream.Batch
+	eof     bool
+	err     error
+	refused bool // err is the batch's, not the stream's
+}
+
+func (d decodedBatch) release() {
+	if d.b != nil {
+		d.b.Release()
+	}
+}
+
+// receive reads and decodes the stream's messages into out until the
+// stream ends or breaks (the last item says which), or stop is closed.
+func (s *Service) receive(stream migrationpb.Pages_StreamServer, dec *pagestream.Decoder, out chan<- decodedBatch, stop <-chan struct{}) {
+	defer close(out)
+	for {
+		var d decodedBatch
+		m, err := stream.Recv()
+		switch {
+		case errors.Is(err, io.EOF):
+			d.eof = true
+		case err != nil:
+			d.err = err
+		default:
+			d.b, d.err = decode(dec, m)
+			d.refused = d.err != nil
+			releaseWire(m)
+		}
+		select {
+		case out <- d:
+		case <-stop:
+			d.release()
+			return
+		}
+		if d.eof || d.err != nil {
+			return
+		}
+	}
+}
+
+// decode checks and decodes one message of a stream.
+func decode(dec *pagestream.Decoder, m *migrationpb.PageStreamRequest) (*pagestream.Batch, error) {
 	pb := m.GetBatch()
 	if pb == nil {
-		return status.Error(codes.InvalidArgument, "page stream: a second open message")
+		return nil, status.Error(codes.InvalidArgument, "page stream: a second open message")
 	}
 	b, err := dec.Decode(pb)
 	if err != nil {
-		return status.Errorf(batchCode(err), "page stream: %v", err)
+		return nil, status.Errorf(batchCode(err), "page stream: %v", err)
 	}
-	defer b.Release()
-	err = fault.Point(fault.TargetBatch) // test-only; nil unless armed
+	return b, nil
+}
+
+// apply applies one decoded batch, adding it to the totals of ack.
+func (s *Service) apply(store *Store, b *pagestream.Batch, ack *migrationpb.PageAck) error {
+	err := fault.Point(fault.TargetBatch) // test-only; nil unless armed
 	if err == nil {
 		err = store.Apply(b)
 	}
