@@ -57,7 +57,11 @@ type Config struct {
 	// 30 s).
 	WriteTimeout time.Duration
 	// StreamWindow is the largest yamux receive window of a stream
-	// (default 16 MiB: enough for a fast link with some latency).
+	// (default 4 MiB: 4 GB/s at 1 ms of round trip). A larger window
+	// serves long fat links, at a cost: yamux grows its receive buffer
+	// up to twice the window by reallocating it, fresh memory that the
+	// kernel must fault in (a 16 MiB window cost the target 8% of its
+	// CPU in a 1 GiB migration here, 1.6 s instead of 1.4 s).
 	StreamWindow uint32
 	// Logger receives connection events (default slog.Default()).
 	Logger *slog.Logger
@@ -68,7 +72,7 @@ const (
 	DefaultHandshakeTimeout  = 10 * time.Second
 	DefaultKeepAliveInterval = 10 * time.Second
 	DefaultWriteTimeout      = 30 * time.Second
-	DefaultStreamWindow      = 16 << 20
+	DefaultStreamWindow      = 4 << 20
 )
 
 func (c *Config) setDefaults() {
