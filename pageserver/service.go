@@ -130,6 +130,7 @@ func (s *Service) serve(stream migrationpb.Pages_StreamServer, dec *pagestream.D
 				"gone", ack.PagesGone, "raw", ack.BytesRaw, "wire", ack.BytesWire)
 			return stream.Send(ack)
 		case d.err != nil:
+			d.release()
 			if d.refused {
 				log.Warn("page batch refused", "err", d.err)
 			}
@@ -159,11 +160,17 @@ type decodedBatch struct {
 	eof     bool
 	err     error
 	refused bool // err is the batch's, not the stream's
+	// wire is the message b came in: an uncompressed batch's pages are
+	// used where they are, in its buffer, freed only with the batch.
+	wire *migrationpb.PageStreamRequest
 }
 
 func (d decodedBatch) release() {
 	if d.b != nil {
 		d.b.Release()
+	}
+	if d.wire != nil {
+		releaseWire(d.wire)
 	}
 }
 
@@ -181,8 +188,7 @@ func (s *Service) receive(stream migrationpb.Pages_StreamServer, dec *pagestream
 			d.err = err
 		default:
 			d.b, d.err = decode(dec, m)
-			d.refused = d.err != nil
-			releaseWire(m)
+			d.refused, d.wire = d.err != nil, m
 		}
 		select {
 		case out <- d:

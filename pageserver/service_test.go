@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -51,6 +52,11 @@ func serve(t *testing.T, s *pageserver.Store, codecs ...pagestream.Codec) migrat
 		cc.Close()
 		srv.Stop()
 		wg.Wait()
+		// A stream's receiving goroutine ends, releasing what it holds,
+		// once its handler returned.
+		for deadline := time.Now().Add(2 * time.Second); pageserver.HeldBuffers() != 0 && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
 		if n := pageserver.HeldBuffers(); n != 0 {
 			t.Errorf("%d received buffers not released", n)
 		}
@@ -211,4 +217,34 @@ func TestServiceConfig(t *testing.T) {
 	if _, err := pageserver.NewService(pageserver.ServiceConfig{Lookup: func(string) (*pageserver.Store, error) { return nil, nil }, Limits: lim}); err == nil {
 		t.Error("service with bad limits")
 	}
+}
+
+// Uncompressed pages are used where they arrived, in the received
+// message's buffer: it must outlive the batch's turn to be applied while
+// later batches are received and decoded (the batch hook here is slow,
+// so that they are).
+func TestServiceUncompressedBatchesKeepTheirBuffers(t *testing.T) {
+	s := newStore(t, pageserver.Config{})
+	s.SetBatchHook(func(*pagestream.Batch) error {
+		time.Sleep(2 * time.Millisecond)
+		return nil
+	})
+	client := serve(t, s)
+	m := model{}
+	msgs := []*migrationpb.PageStreamRequest{openMsg("m", pagestream.CodecNone)}
+	const batches = 40
+	for i := range batches {
+		runs := []pagestream.Run{{Addr: uint64(i) * 16 * ps, Pages: 16}}
+		data := fill(byte(i+1), 16)
+		m.apply(runs, data)
+		msgs = append(msgs, batchMsg(wire(t, pagestream.CodecNone, uint64(i+1), 0, runs, data)))
+	}
+	acks, err := exchange(t, client, msgs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(acks); n != batches+2 || !acks[n-1].Final {
+		t.Fatalf("%d acks, want %d", n, batches+2)
+	}
+	m.check(t, s, 9)
 }
