@@ -464,6 +464,15 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	scripts := cfg.Scripts.With(append(actionscript.SocketEnv(eps), "PHAUL_SIDE=source",
 		"PHAUL_PID="+strconv.Itoa(cfg.Pid), "PHAUL_MIGRATION_ID="+m.id, "PHAUL_TARGET="+cfg.Target)...)
 	done := false
+	// Hold runs while the target restores (see below); holding tells
+	// whether it started, waitHold waits for its outcome.
+	var holding bool
+	held := make(chan error, 1)
+	waitHold := func() error {
+		err := <-held
+		held <- err
+		return err
+	}
 	defer func() {
 		if !done {
 			// The scripts first: a service address moved away comes back
@@ -473,7 +482,12 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 			if err := scripts.Run(bg, actionscript.Rollback); err != nil {
 				m.log.Error("rollback", "err", err)
 			}
-			if err := fz.Resume(); err != nil { // tracking removed too
+			resume := fz.Resume
+			if holding && waitHold() == nil {
+				// Before the commit: the process runs nowhere else.
+				resume = fz.ResumeHeld
+			}
+			if err := resume(); err != nil { // tracking removed too
 				m.resumeErr = err
 				m.log.Error("resume the original", "err", err)
 			}
@@ -504,6 +518,12 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		return nil, err
 	}
 	sending := time.Now()
+	// The original is readied for the commit window (Hold: its signals
+	// queued again, a SIGSTOP queued, the userfaultfd taken out) while
+	// the target restores, instead of after: the tracer thread is idle
+	// meanwhile. A rollback then resumes it with ResumeHeld.
+	holding = true
+	go func() { held <- fz.Hold() }()
 	// The state, and the restore: the target answers when it is ready.
 	var rr *migrationpb.RestoreResponse
 	if err := m.call(ctx, "Freeze", func(ctx context.Context) error {
@@ -531,7 +551,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	// outcome unknown, and the original must neither run nor die.
 	// Hold keeps the tracking registered, the userfaultfd out of the
 	// process; Kill or Resume removes the rest.
-	if err := fz.Hold(); err != nil { // let go from here on (Resume, or phaul dying), it stays stopped
+	if err := waitHold(); err != nil { // let go from here on (Resume, or phaul dying), it stays stopped
 		return nil, err
 	}
 	// Not ctx: an interrupt must not cut the commit short; its deadline

@@ -34,7 +34,7 @@ func init() {
 			tcpEst := fs.Bool("tcp-established", false, "move established TCP connections too (held by a network lock while frozen; their address must follow the process, e.g. by an action script); without it such a process is refused")
 			scriptPaths := fs.StringArray("action-script", nil, actionScriptHelp("source", "network-lock, post-dump, post-resume, network-unlock, rollback"))
 			freezeTimeout := fs.Duration("freeze-timeout", source.DefaultFreezeTimeout, "how long to wait for each answer of the target while the process is frozen "+
-				"(the final round's pages, the final state, the restore, the commit) and for each request before: a target that does not answer in time "+
+				"(the final state with the restore, which waits for the final round's pages, then the commit) and for each request before: a target that does not answer in time "+
 				"is treated as failed; before the commit the migration rolls back and the process runs on here, a commit without an answer leaves it stopped for you to decide")
 			cert := fs.String("tls-cert", "", "client certificate (mutual TLS)")
 			key := fs.String("tls-key", "", "client key")
