@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/phaul/phaul/internal/fault"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/phaul/phaul/engine"
 	"github.com/phaul/phaul/internal/actionscript"
+	"github.com/phaul/phaul/internal/fault"
 	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/pageserver"
 	"github.com/phaul/phaul/pagestream"
@@ -419,11 +419,13 @@ func (s *Session) Freeze(ctx context.Context, req *migrationpb.FreezeRequest) (*
 		resp, err = m.restoreLocked(ctx)
 	}
 	m.mu.Unlock()
-	if err != nil || !req.GetRestore() {
-		return &migrationpb.FreezeResponse{}, err
+	switch {
+	case err != nil:
+		return nil, err
+	case !req.GetRestore():
+		return &migrationpb.FreezeResponse{}, nil
 	}
-	resp, err = answerReady(ctx, resp, nil)
-	if err != nil {
+	if err := answerReady(ctx); err != nil {
 		return nil, err
 	}
 	return &migrationpb.FreezeResponse{Restored: resp}, nil
@@ -474,7 +476,13 @@ func (s *Session) Restore(ctx context.Context, req *migrationpb.RestoreRequest) 
 	m.mu.Lock()
 	resp, err := m.restoreLocked(ctx)
 	m.mu.Unlock()
-	return answerReady(ctx, resp, err)
+	if err != nil {
+		return nil, err
+	}
+	if err := answerReady(ctx); err != nil {
+		return nil, err
+	}
+	return resp, nil
 }
 
 // restoreLocked has every shadow take its final state; they wait,
@@ -509,14 +517,11 @@ func (m *migration) restoreLocked(ctx context.Context) (*migrationpb.RestoreResp
 
 // answerReady is the last step of a restore, with m.mu released: a test
 // may stop the answer here (fault.TargetReady).
-func answerReady(ctx context.Context, resp *migrationpb.RestoreResponse, err error) (*migrationpb.RestoreResponse, error) {
-	if err != nil {
-		return nil, err
-	}
+func answerReady(ctx context.Context) error {
 	if err := fault.PointContext(ctx, fault.TargetReady); err != nil { // test-only; nil unless armed
-		return nil, status.Errorf(codes.Internal, "ready: %v", err)
+		return status.Errorf(codes.Internal, "ready: %v", err)
 	}
-	return resp, nil
+	return nil
 }
 
 // Commit implements migrationpb.ControlServer: the restored processes run.

@@ -223,3 +223,56 @@ func TestNewSessionDefaults(t *testing.T) {
 		t.Errorf("Store of an unknown migration: %v", err)
 	}
 }
+
+// TestFreezeWaitsForFinalPages: a final state that names page batches the
+// target has not applied waits for them, and fails, naming why, when the
+// page stream breaks or the request's deadline comes first; the migration
+// is not frozen by a failed Freeze.
+func TestFreezeWaitsForFinalPages(t *testing.T) {
+	req := func(id string) *migrationpb.FreezeRequest {
+		return &migrationpb.FreezeRequest{MigrationId: id, Restore: true,
+			State: &migrationpb.FinalState{PagesThrough: 3}}
+	}
+	t.Run("deadline", func(t *testing.T) {
+		s, id := newTestSession(t, time.Minute)
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		_, err := s.Freeze(ctx, req(id))
+		if status.Code(err) != codes.DeadlineExceeded {
+			t.Fatalf("freeze without its pages: %v, want DeadlineExceeded", err)
+		}
+		if took := time.Since(start); took < 40*time.Millisecond {
+			t.Errorf("freeze gave up after %v, before its deadline", took)
+		}
+		if p := held(s, id).phase; p != started {
+			t.Errorf("phase %v after a failed freeze", p)
+		}
+	})
+	t.Run("stream broke", func(t *testing.T) {
+		s, id := newTestSession(t, time.Minute)
+		store, err := s.Store(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() {
+			_, err := s.Freeze(context.Background(), req(id))
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			t.Fatalf("freeze did not wait for its pages: %v", err)
+		case <-time.After(30 * time.Millisecond):
+		}
+		store.EndStream(errors.New("checksum mismatch in batch 2"))
+		select {
+		case err := <-done:
+			if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "checksum mismatch in batch 2") {
+				t.Errorf("freeze after the stream broke: %v", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("freeze still waits after the page stream broke")
+		}
+	})
+}
