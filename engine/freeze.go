@@ -179,6 +179,8 @@ func (fz *Frozen) collect(ctx context.Context, opt FreezeOptions) ([]any, error)
 			if err := t.Stop(); err != nil {
 				return err
 			}
+			// Unregistering changed the mappings' flags: read them anew.
+			c.flagsFrom = nil
 			if err := c.readMaps(); err != nil {
 				return err
 			}

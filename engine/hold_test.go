@@ -164,3 +164,40 @@ func waitHeld(t *testing.T, pid int) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestFreezeFlagsBeforeFreeze: mapping flags read before the freeze serve
+// the frozen process's mappings, and not once removing the tracking
+// changed them (the write-protect registration, "uw", is gone then).
+func TestFreezeFlagsBeforeFreeze(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("freezing a process needs root (ptrace)")
+	}
+	testutil.SkipIfNotSupported(t, tracker.Supported(tracker.UffdWP))
+	w := startRewrite(t, "--pages", "256", "--hot", "8", "--rate", "500")
+	for _, keep := range []bool{true, false} {
+		ctx := context.Background()
+		tr, err := tracker.Start(ctx, w.Pid, tracker.Options{Backend: tracker.UffdWP})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dir := t.TempDir()
+		if err := tr.Park(dir); err != nil {
+			_ = tr.Stop()
+			t.Fatal(err)
+		}
+		fz, err := engine.Freeze(ctx, engine.FreezeOptions{Pid: w.Pid, TrackerDir: dir, KeepTracking: keep, FlagsBeforeFreeze: true})
+		if err != nil {
+			t.Fatalf("keep tracking %v: %v", keep, err)
+		}
+		if len(fz.State.Process.GetVmas()) == 0 {
+			t.Errorf("keep tracking %v: no mappings", keep)
+		}
+		if err := fz.Resume(); err != nil {
+			t.Fatal(err)
+		}
+		if hasFlag(t, w.Pid, "uw") {
+			t.Errorf("keep tracking %v: tracking left after Resume", keep)
+		}
+	}
+	w.mustCheck(t)
+}
