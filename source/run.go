@@ -464,15 +464,10 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	scripts := cfg.Scripts.With(append(actionscript.SocketEnv(eps), "PHAUL_SIDE=source",
 		"PHAUL_PID="+strconv.Itoa(cfg.Pid), "PHAUL_MIGRATION_ID="+m.id, "PHAUL_TARGET="+cfg.Target)...)
 	done := false
-	// Hold runs while the target restores (see below); holding tells
-	// whether it started, waitHold waits for its outcome.
-	var holding bool
-	held := make(chan error, 1)
-	waitHold := func() error {
-		err := <-held
-		held <- err
-		return err
-	}
+	// Hold runs while the target restores (see below): holdDone is nil
+	// until it starts, closed when holdErr is its outcome.
+	var holdDone chan struct{}
+	var holdErr error
 	defer func() {
 		if !done {
 			// The scripts first: a service address moved away comes back
@@ -483,9 +478,12 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 				m.log.Error("rollback", "err", err)
 			}
 			resume := fz.Resume
-			if holding && waitHold() == nil {
-				// Before the commit: the process runs nowhere else.
-				resume = fz.ResumeHeld
+			if holdDone != nil {
+				<-holdDone
+				if holdErr == nil {
+					// Before the commit: the process runs nowhere else.
+					resume = fz.ResumeHeld
+				}
 			}
 			if err := resume(); err != nil { // tracking removed too
 				m.resumeErr = err
@@ -517,13 +515,12 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	if err := runScript(actionscript.PostDump); err != nil {
 		return nil, err
 	}
-	sending := time.Now()
 	// The original is readied for the commit window (Hold: its signals
 	// queued again, a SIGSTOP queued, the userfaultfd taken out) while
 	// the target restores, instead of after: the tracer thread is idle
 	// meanwhile. A rollback then resumes it with ResumeHeld.
-	holding = true
-	go func() { held <- fz.Hold() }()
+	holdDone = make(chan struct{})
+	go func() { holdErr = fz.Hold(); close(holdDone) }()
 	// The state, and the restore: the target answers when it is ready.
 	var rr *migrationpb.RestoreResponse
 	if err := m.call(ctx, "Freeze", func(ctx context.Context) error {
@@ -545,14 +542,16 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	readyAt := time.Now()
 	res.RestoreMS = float64(rr.GetRestoreNs()) / 1e6
 	res.Phases.ReadyMS = res.RestoreMS
-	res.Phases.StateMS = max(0, ms(readyAt.Sub(sending))-res.RestoreMS+ms(sending.Sub(collected))-ms(scriptTime-lockScript))
+	// The target's own time apart, the rest is marshalling and transfer.
+	res.Phases.StateMS = max(0, ms(readyAt.Sub(collected)-(scriptTime-lockScript))-res.RestoreMS)
 	res.Phases.ScriptsMS = ms(scriptTime)
 	// The commit window: from here an unanswered request leaves the
 	// outcome unknown, and the original must neither run nor die.
 	// Hold keeps the tracking registered, the userfaultfd out of the
 	// process; Kill or Resume removes the rest.
-	if err := waitHold(); err != nil { // let go from here on (Resume, or phaul dying), it stays stopped
-		return nil, err
+	<-holdDone
+	if holdErr != nil { // let go from here on (Resume, or phaul dying), it stays stopped
+		return nil, holdErr
 	}
 	// Not ctx: an interrupt must not cut the commit short; its deadline
 	// does.
