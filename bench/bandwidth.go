@@ -17,6 +17,7 @@ import (
 	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/internal/topology"
 	"github.com/phaul/phaul/pagestream"
+	"github.com/phaul/phaul/predump"
 )
 
 // BoundFactor is the total-time target: a migration should take at most
@@ -62,9 +63,8 @@ const (
 	ReadMeasureBytes     = 256 << 20
 	LinkMeasureBytes     = 512 << 20
 	CompressMeasureBytes = 256 << 20
-	// ReadBatchBytes is the batch a pre-copy round reads at once
-	// (predump's batchSize).
-	ReadBatchBytes = 8 << 20
+	// ReadBatchBytes is the batch a pre-copy round reads at once.
+	ReadBatchBytes = predump.BatchSize
 	// compressSampleBytes is how much distinct workload data the
 	// compression measurement cycles over.
 	compressSampleBytes = 64 << 20

@@ -86,10 +86,11 @@ type Result struct {
 	Deferred tracker.Ranges `json:"-"`
 }
 
-// readBuffers is how many batch buffers the reading runs ahead of the
+// BatchSize is the most a round reads at once (one process_vm_readv);
+// readBuffers is how many such buffers the reading runs ahead of the
 // recording with.
 const (
-	batchSize   = 8 << 20
+	BatchSize   = 8 << 20
 	readBuffers = 3
 )
 
@@ -228,11 +229,11 @@ func readAll(rd *pagereader.Reader, ops []op, free chan []byte, done <-chan stru
 		// reads a few pages should not clear megabytes.
 		size := 0
 		for _, o := range ops {
-			if !o.keep && size < batchSize {
+			if !o.keep && size < BatchSize {
 				size += int(o.Pages()) * PageSize
 			}
 		}
-		size = min(size, batchSize)
+		size = min(size, BatchSize)
 		allocated := 0
 		getBuf := func() []byte {
 			select {
