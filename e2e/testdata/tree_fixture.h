@@ -277,6 +277,24 @@ static inline void tree_collect(int seq, struct verdict *v, char *kv, size_t len
 	}
 }
 
+/*
+ * tree_root_check runs check seq from the root: the root's own (member),
+ * every checked member's through tree_collect, and prints the CHECK line.
+ */
+static inline void tree_root_check(int seq, void (*member)(int, struct verdict *, char *, size_t))
+{
+	struct verdict v = {0};
+	char kv[4096] = "";
+	if (latched_set)
+		vfail(&v, "%s", latched);
+	member(seq, &v, kv, sizeof(kv));
+	tree_collect(seq, &v, kv, sizeof(kv));
+	if (v.failed)
+		say("CHECK %d FAIL %s", seq, v.why);
+	else
+		say("CHECK %d OK %s", seq, kv);
+}
+
 /* tree_say_procs prints the PROC lines of the tree. */
 static inline void tree_say_procs(void)
 {

@@ -277,17 +277,7 @@ int main(int argc, char **argv)
 		}
 		if (usr1_count != handled) {
 			handled = usr1_count;
-			seq++;
-			struct verdict v = {0};
-			char kv[4096] = "";
-			if (latched_set)
-				vfail(&v, "%s", latched);
-			member_check(seq, &v, kv, sizeof(kv));
-			tree_collect(seq, &v, kv, sizeof(kv));
-			if (v.failed)
-				say("CHECK %d FAIL %s", seq, v.why);
-			else
-				say("CHECK %d OK %s", seq, kv);
+			tree_root_check(++seq, member_check);
 		}
 		progress++;
 		sleep_ms(5);
