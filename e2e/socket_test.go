@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -42,22 +44,43 @@ func startSockserver(tb testing.TB) (w *testutil.Workload, tcpPort, udpPort int)
 	return testutil.StartWorkload(tb, argv, &testutil.Options{Name: "sockserver"}), tcpPort, udpPort
 }
 
+// freePort returns a free port of network ("tcp" or "udp") on 127.0.0.1,
+// below the kernel's ephemeral range. These tests run in this network
+// namespace, and a dump with --tcp-established locks its server's port
+// (every packet to and from it) until the restore: a port from the
+// ephemeral range, free meanwhile, could be handed to another package's
+// test binding port 0, whose connections the lock would then drop.
 func freePort(tb testing.TB, network string) int {
 	tb.Helper()
-	if network == "udp" {
-		c, err := net.ListenPacket("udp4", "127.0.0.1:0")
-		if err != nil {
-			tb.Fatal(err)
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if v, err := strconv.Atoi(f[0]); err == nil {
+				low = v
+			}
 		}
-		defer c.Close()
-		return c.LocalAddr().(*net.UDPAddr).Port
 	}
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
+	const from = 10000
+	if low <= from {
+		tb.Skipf("the ephemeral port range starts at %d: no port below it to use", low)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	for range 100 {
+		port := from + rand.IntN(low-from)
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		if network == "udp" {
+			if c, err := net.ListenPacket("udp4", addr); err == nil {
+				c.Close()
+				return port
+			}
+			continue
+		}
+		if l, err := net.Listen("tcp4", addr); err == nil {
+			l.Close()
+			return port
+		}
+	}
+	tb.Fatalf("no free %s port in [%d, %d)", network, from, low)
+	return 0
 }
 
 // echoConn is a client connection to the sockserver.
