@@ -2,6 +2,7 @@ package ptrace
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"github.com/phaul/phaul/internal/sys"
@@ -56,6 +57,15 @@ const (
 	sigIgn     = 1   // SIG_IGN
 )
 
+// BatchCapacity returns how many calls a batch area of size bytes holds
+// in one table: the most Batches runs in a thread.
+func BatchCapacity(size uint64) int {
+	if size < batchTable {
+		return 0
+	}
+	return int((size - batchTable) / batchEntry)
+}
+
 // UseBatchArea declares size bytes of tracee memory at addr, mapped
 // readable, writable and executable, as the place Batch writes its code
 // and table to. Threads of one process may share it: a batch runs in one
@@ -92,6 +102,57 @@ func (in *Injector) Batch(calls []Call) ([]uint64, error) {
 }
 
 func (in *Injector) batchOnce(calls []Call) ([]uint64, error) {
+	if err := in.startBatch(calls); err != nil {
+		return nil, err
+	}
+	return in.finishBatch(calls)
+}
+
+// Batches runs one batch in each injector's thread (threads of one
+// process, or of several), calls[i] in ins[i]: every thread is set going
+// before any is waited for, so that their runs, and the scheduling of
+// each, overlap instead of adding up. Each injector needs a batch area of
+// its own that holds its calls in one table. It returns the results per
+// injector; on error, the threads that were set going have all stopped
+// again, and the results are those of the batches that completed.
+//
+// Precondition: called on the Tracer thread.
+func Batches(ins []*Injector, calls [][]Call) ([][]uint64, error) {
+	if len(ins) != len(calls) {
+		return nil, fmt.Errorf("batches: %d injectors for %d call lists", len(ins), len(calls))
+	}
+	out := make([][]uint64, len(ins))
+	var errs []error
+	started := 0
+	for i, in := range ins {
+		if in.batch == 0 {
+			errs = append(errs, fmt.Errorf("batch in %d: no batch area", in.Tid))
+			break
+		}
+		if max := BatchCapacity(in.batchSize); len(calls[i]) > max {
+			errs = append(errs, fmt.Errorf("batch in %d: %d calls, the area holds %d", in.Tid, len(calls[i]), max))
+			break
+		}
+		in.Children = in.Children[:0]
+		if err := in.startBatch(calls[i]); err != nil {
+			errs = append(errs, err)
+			break
+		}
+		started++
+	}
+	for i, in := range ins[:started] {
+		res, err := in.finishBatch(calls[i])
+		out[i] = res
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
+// startBatch writes the code and the table of calls (one table's worth)
+// into the batch area and sets the thread going through them.
+func (in *Injector) startBatch(calls []Call) error {
 	buf := make([]byte, batchTable+batchEntry*len(calls))
 	copy(buf, batchCode)
 	for i, c := range calls {
@@ -103,7 +164,7 @@ func (in *Injector) batchOnce(calls []Call) ([]uint64, error) {
 		binary.LittleEndian.PutUint64(e[56:], ^uint64(0))
 	}
 	if err := in.WriteMemory(in.batch, buf); err != nil {
-		return nil, fmt.Errorf("batch in %d: %w", in.Tid, err)
+		return fmt.Errorf("batch in %d: %w", in.Tid, err)
 	}
 	r := in.saved
 	r.Rip = in.batch
@@ -113,13 +174,19 @@ func (in *Injector) batchOnce(calls []Call) ([]uint64, error) {
 	r.R14 = in.batch + batchSaved
 	r.Eflags &^= 1 << 8 // no single-stepping
 	if err := sys.PtraceSetRegs(in.Tid, &r); err != nil {
-		return nil, fmt.Errorf("batch in %d: set regs: %w", in.Tid, err)
+		return fmt.Errorf("batch in %d: set regs: %w", in.Tid, err)
 	}
+	if err := sys.PtraceCont(in.Tid, 0); err != nil {
+		return fmt.Errorf("batch in %d: %w", in.Tid, err)
+	}
+	return nil
+}
+
+// finishBatch waits for the trap that ends the batch startBatch set going
+// and reads the results of calls.
+func (in *Injector) finishBatch(calls []Call) ([]uint64, error) {
 	trap := in.batch + uint64(len(batchCode))
 	for {
-		if err := sys.PtraceCont(in.Tid, 0); err != nil {
-			return nil, fmt.Errorf("batch in %d: %w", in.Tid, err)
-		}
 		st, err := Wait(in.Tid)
 		if err != nil {
 			return nil, fmt.Errorf("batch in %d: %w", in.Tid, err)
@@ -127,6 +194,7 @@ func (in *Injector) batchOnce(calls []Call) ([]uint64, error) {
 		if st.Exited() {
 			return nil, fmt.Errorf("batch in %d: thread %s: %w", in.Tid, st, ErrProcessGone)
 		}
+		resume := false
 		switch st.Event() {
 		case sys.PTRACE_EVENT_CLONE, sys.PTRACE_EVENT_FORK, sys.PTRACE_EVENT_VFORK:
 			msg, err := sys.PtraceGetEventMsg(in.Tid)
@@ -134,11 +202,16 @@ func (in *Injector) batchOnce(calls []Call) ([]uint64, error) {
 				return nil, fmt.Errorf("batch in %d: event message: %w", in.Tid, err)
 			}
 			in.Children = append(in.Children, int(msg))
-			continue
+			resume = true
 		case sys.PTRACE_EVENT_STOP:
-			continue
+			resume = true
+		default:
+			resume = !st.IsSignalDelivery()
 		}
-		if !st.IsSignalDelivery() {
+		if resume {
+			if err := sys.PtraceCont(in.Tid, 0); err != nil {
+				return nil, fmt.Errorf("batch in %d: %w", in.Tid, err)
+			}
 			continue
 		}
 		var got sys.Regs
@@ -172,7 +245,7 @@ func (in *Injector) batchOnce(calls []Call) ([]uint64, error) {
 		if left > 0 {
 			c := calls[done]
 			if ret := int64(got.R13); ret < 0 && ret >= -4095 {
-				return out, fmt.Errorf("call %d of the batch (syscall %d): %w", done, c.Nr, sys.Errno(-ret))
+				return out, fmt.Errorf("batch in %d: call %d (syscall %d): %w", in.Tid, done, c.Nr, sys.Errno(-ret))
 			}
 			return out, fmt.Errorf("batch in %d: stopped at call %d with %#x", in.Tid, done, got.R13)
 		}

@@ -366,3 +366,69 @@ func BenchmarkInjectBatch(b *testing.B) {
 		b.Fatal(err)
 	}
 }
+
+// TestBatches runs batches in two processes at once: each gets its own
+// results, a failing call in one is reported without hiding the other's
+// results, and both can be injected into again afterwards.
+func TestBatches(t *testing.T) {
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	ps := []*stub.Process{startStub(t, tr), startStub(t, tr)}
+	gadgets := []uint64{vdsoGadget(t, ps[0].Pid), vdsoGadget(t, ps[1].Pid)}
+	err := tr.Do(func() error {
+		var ins []*ptrace.Injector
+		for i, p := range ps {
+			f, err := ptrace.Freeze(p.Pid)
+			if err != nil {
+				return err
+			}
+			defer f.Resume(gadgets[i])
+			in, err := ptrace.NewInjector(p.Pid, gadgets[i])
+			if err != nil {
+				return err
+			}
+			defer in.Close()
+			area, err := in.MapScratch(4096)
+			if err != nil {
+				return err
+			}
+			in.UseBatchArea(area, 4096)
+			ins = append(ins, in)
+		}
+		res, err := ptrace.Batches(ins, [][]ptrace.Call{
+			{{Nr: sys.SYS_GETPID}, {Nr: sys.SYS_GETPPID}},
+			{{Nr: sys.SYS_GETPID}},
+		})
+		if err != nil {
+			return err
+		}
+		if len(res) != 2 || len(res[0]) != 2 || int(res[0][0]) != ps[0].Pid || int(res[0][1]) != os.Getpid() ||
+			len(res[1]) != 1 || int(res[1][0]) != ps[1].Pid {
+			t.Errorf("results %v, want [[%d %d] [%d]]", res, ps[0].Pid, os.Getpid(), ps[1].Pid)
+		}
+		res, err = ptrace.Batches(ins, [][]ptrace.Call{
+			{{Nr: sys.SYS_GETPID}, {Nr: sys.SYS_CLOSE, Args: [6]uint64{12345}}},
+			{{Nr: sys.SYS_GETPID}},
+		})
+		if !errors.Is(err, sys.Errno(9)) || len(res[0]) != 1 || len(res[1]) != 1 || int(res[1][0]) != ps[1].Pid {
+			t.Errorf("a failing call in the first: %v, results %v; want EBADF, and the second's pid %d", err, res, ps[1].Pid)
+		}
+		// A table too large for its area is refused; the batches already
+		// set going are finished.
+		if _, err := ptrace.Batches(ins, [][]ptrace.Call{{{Nr: sys.SYS_GETPID}}, make([]ptrace.Call, 100)}); err == nil {
+			t.Error("a batch larger than its area was accepted")
+		}
+		for i, in := range ins {
+			if got, err := in.Syscall(sys.SYS_GETPID); err != nil || int(got) != ps[i].Pid {
+				t.Errorf("process %d after the batches: getpid %d, %v", ps[i].Pid, got, err)
+			}
+			if err := in.UnmapScratch(); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
