@@ -18,15 +18,20 @@ import (
 // CPU's XCR0 needs: 2440 bytes here, at most a few KiB with AMX).
 const maxXstate = 16 << 10
 
-// The tracee memory mapped for injected calls: their results below
-// collectBatch, the code and table of batches above.
+// The tracee memory mapped for injected calls: the process-wide calls'
+// results below collectBatch, the code and table of their batch above,
+// then a slot per thread.
 const (
 	scratchSize  = 16 * 4096
 	collectBatch = 8 * 4096
 	// Offsets of the results.
 	outSigactions = 0    // 32 bytes per signal
 	outItimers    = 2048 // 32 bytes per timer
-	outThread     = 4096 // clear-child-tid address, then stack_t
+	// A thread's slot at scratchSize + threadSlot*i: the code and table
+	// of its batch, then its results (the clear-child-tid address, then
+	// stack_t).
+	threadSlot  = 512
+	threadBatch = 384
 )
 
 // collector gathers the state of one frozen process.
@@ -303,7 +308,8 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 	defer func() {
 		err = errors.Join(err, main.Close())
 	}()
-	scratch, err := main.MapScratch(scratchSize)
+	size := scratchSize + (uint64(len(p.Threads))*threadSlot+4095)&^4095
+	scratch, err := main.MapScratch(size)
 	if err != nil {
 		return err
 	}
@@ -311,12 +317,13 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 		err = errors.Join(err, main.UnmapScratch())
 	}()
 
-	main.UseBatchArea(scratch+collectBatch, scratchSize-collectBatch)
-
-	// One batch: brk, the signal dispositions (every signal that is caught
-	// or ignored, and SIGCHLD, whose flags matter even at the default
-	// disposition), the interval timers.
-	calls := []ptrace.Call{{Nr: sys.SYS_BRK}}
+	// One batch in the main thread: brk, the signal dispositions (every
+	// signal that is caught or ignored, and SIGCHLD, whose flags matter
+	// even at the default disposition), the interval timers. And in every
+	// thread, the main one too, what only the thread itself can report:
+	// its clear-child-tid address and alternate signal stack. The
+	// threads' batches all run at once.
+	whole := []ptrace.Call{{Nr: sys.SYS_BRK}}
 	interesting := c.status.SigCgt | c.status.SigIgn | 1<<(uint(sys.SIGCHLD)-1)
 	var sigs []int
 	for sig := 1; sig <= 64; sig++ {
@@ -324,18 +331,45 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 			continue
 		}
 		sigs = append(sigs, sig)
-		calls = append(calls, ptrace.Call{Nr: sys.SYS_RT_SIGACTION,
+		whole = append(whole, ptrace.Call{Nr: sys.SYS_RT_SIGACTION,
 			Args: [6]uint64{uint64(sig), 0, scratch + outSigactions + 32*uint64(sig-1), 8}})
 	}
 	for which := uint64(0); which < 3; which++ {
-		calls = append(calls, ptrace.Call{Nr: sys.SYS_GETITIMER, Args: [6]uint64{which, scratch + outItimers + 32*which}})
+		whole = append(whole, ptrace.Call{Nr: sys.SYS_GETITIMER, Args: [6]uint64{which, scratch + outItimers + 32*which}})
 	}
-	res, err := main.Batch(calls)
+	ins := make([]*ptrace.Injector, len(p.Threads))
+	defer func() {
+		for _, in := range ins[1:] {
+			if in != nil {
+				err = errors.Join(err, in.Close())
+			}
+		}
+	}()
+	calls := make([][]ptrace.Call, len(p.Threads))
+	for i, th := range p.Threads {
+		slot := scratch + scratchSize + threadSlot*uint64(i)
+		out := slot + threadBatch
+		calls[i] = []ptrace.Call{
+			{Nr: sys.SYS_PRCTL, Args: [6]uint64{sys.PR_GET_TID_ADDRESS, out}},
+			{Nr: sys.SYS_SIGALTSTACK, Args: [6]uint64{0, out + 8}},
+		}
+		if i == 0 {
+			ins[i] = main
+			main.UseBatchArea(scratch+collectBatch, scratchSize-collectBatch)
+			calls[i] = append(whole, calls[i]...)
+			continue
+		}
+		if ins[i], err = ptrace.NewInjector(int(th.Tid), c.gadget); err != nil {
+			return err
+		}
+		ins[i].UseBatchArea(slot, threadBatch)
+	}
+	res, err := ptrace.Batches(ins, calls)
 	if err != nil {
-		return fmt.Errorf("signal handlers, timers and brk of %d: %w", c.pid, err)
+		return fmt.Errorf("signal handlers, timers, brk and per-thread state of %d: %w", c.pid, err)
 	}
-	p.Mm.Brk = res[0]
-	out := make([]byte, outThread)
+	p.Mm.Brk = res[0][0]
+	out := make([]byte, outItimers+32*3)
 	if err := main.ReadMemory(scratch, out); err != nil {
 		return err
 	}
@@ -362,48 +396,19 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 			p.Itimers = append(p.Itimers, &imagepb.ITimer{Which: int32(which), IntervalUs: iv, ValueUs: v})
 		}
 	}
-	// Per-thread state only the thread itself can report.
-	for i, th := range p.Threads {
-		in := main
-		if i > 0 {
-			if in, err = ptrace.NewInjector(int(th.Tid), c.gadget); err != nil {
-				return err
-			}
-			in.UseBatchArea(scratch+collectBatch, scratchSize-collectBatch)
-		}
-		err := c.threadInjected(in, th, scratch+outThread)
-		if i > 0 {
-			err = errors.Join(err, in.Close())
-		}
-		if err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// threadInjected collects the clear-child-tid address and the alternate
-// signal stack of one thread, through 32 bytes of scratch at out.
-//
-// Precondition: called on the Tracer thread.
-func (c *collector) threadInjected(in *ptrace.Injector, th *imagepb.Thread, out uint64) error {
-	_, err := in.Batch([]ptrace.Call{
-		{Nr: sys.SYS_PRCTL, Args: [6]uint64{sys.PR_GET_TID_ADDRESS, out}},
-		{Nr: sys.SYS_SIGALTSTACK, Args: [6]uint64{0, out + 8}},
-	})
-	if err != nil {
-		return fmt.Errorf("clear-child-tid address and alternate signal stack of thread %d: %w", th.Tid, err)
-	}
-	b := make([]byte, 32)
-	if err := in.ReadMemory(out, b); err != nil {
+	slots := make([]byte, threadSlot*len(p.Threads))
+	if err := main.ReadMemory(scratch+scratchSize, slots); err != nil {
 		return err
 	}
-	th.ClearChildTid = binary.LittleEndian.Uint64(b)
-	// stack_t: void *ss_sp; int ss_flags; size_t ss_size.
-	th.Altstack = &imagepb.SigAltStack{
-		Sp:    binary.LittleEndian.Uint64(b[8:]),
-		Flags: int32(binary.LittleEndian.Uint32(b[16:])),
-		Size:  binary.LittleEndian.Uint64(b[24:]),
+	for i, th := range p.Threads {
+		b := slots[threadSlot*i+threadBatch:]
+		th.ClearChildTid = binary.LittleEndian.Uint64(b)
+		// stack_t: void *ss_sp; int ss_flags; size_t ss_size.
+		th.Altstack = &imagepb.SigAltStack{
+			Sp:    binary.LittleEndian.Uint64(b[8:]),
+			Flags: int32(binary.LittleEndian.Uint32(b[16:])),
+			Size:  binary.LittleEndian.Uint64(b[24:]),
+		}
 	}
 	return nil
 }

@@ -1,7 +1,7 @@
 /*
  * threads.c - a multi-threaded workload whose self-check covers per-thread
- * state: TIDs, __thread values, per-thread signal masks, a pattern on each
- * thread's stack, each thread's rseq registration, threads caught spinning,
+ * state: TIDs, __thread values, per-thread signal masks and alternate signal
+ * stacks, a pattern on each thread's stack, each thread's rseq registration, threads caught spinning,
  * sleeping in nanosleep, waiting on a condition variable with a timeout and
  * blocked in FUTEX_WAIT, and (with --usr2-at N) a thread-directed pending
  * SIGUSR2 sent with tgkill to thread --usr2-thread K.
@@ -58,6 +58,10 @@ static pthread_cond_t cv;
 static __thread uint64_t tls_val;
 static __thread int tls_idx = -1;
 static pid_t main_tid;
+/* Each thread's alternate signal stack: its own buffer, a size of its own. */
+#define ALTSTACK_MAX (64 * 1024)
+static uint8_t altstacks[NTHREADS][ALTSTACK_MAX];
+static size_t altstack_size(int idx) { return 32 * 1024 + 4096 * (size_t)idx; }
 static sigset_t main_mask;
 static struct sigaction act_usr1, act_usr2, act_term;
 static struct clockstate clk;
@@ -129,6 +133,12 @@ static void report(struct slot *s, int gen)
 	if (tls_idx != s->idx)
 		vfail(v, "%s: __thread idx %d", who, tls_idx);
 	pthread_sigmask(SIG_BLOCK, NULL, &s->rep_mask);
+	stack_t ss;
+	if (sigaltstack(NULL, &ss))
+		vfail(v, "%s: sigaltstack: %s", who, strerror(errno));
+	else if (ss.ss_sp != altstacks[s->idx] || ss.ss_size != altstack_size(s->idx) || ss.ss_flags != 0)
+		vfail(v, "%s: sigaltstack sp=%p size=%zu flags=%d, want sp=%p size=%zu flags=0", who, ss.ss_sp,
+		      ss.ss_size, ss.ss_flags, (void *)altstacks[s->idx], altstack_size(s->idx));
 	s->rep_counter = s->counter;
 	long off = check_pattern(s->stackbuf, STACKBUF, seed3(0x57ac, (uint64_t)s->idx, 0));
 	if (off >= 0)
@@ -182,6 +192,9 @@ static void *worker(void *arg)
 	tls_val = tls_magic(s->idx);
 	tls_idx = s->idx;
 	pthread_sigmask(SIG_SETMASK, &s->mask, NULL);
+	stack_t alt = {.ss_sp = altstacks[s->idx], .ss_size = altstack_size(s->idx)};
+	if (sigaltstack(&alt, NULL))
+		die("sigaltstack");
 	s->tid = (pid_t)syscall(SYS_gettid);
 	atomic_store(&s->started, 1);
 
