@@ -101,16 +101,8 @@ func Freeze(ctx context.Context, opt FreezeOptions) (*Frozen, error) {
 	timing := []any{"stop", time.Since(t0)}
 	if err == nil {
 		var more []any
-		more, err = fz.collect(ctx, opt)
+		more, err = fz.collect(ctx, opt, ft)
 		timing = append(timing, more...)
-	}
-	if err == nil {
-		t1 := time.Now()
-		err = fz.collectFDs(ft)
-		if err == nil {
-			err = ft.finish()
-		}
-		timing = append(timing, "fds", time.Since(t1))
 	}
 	fz.sockets, fz.netLock = ft.sockets, ft.lock // Resume gives them back
 	if err != nil {
@@ -142,16 +134,23 @@ func (fz *Frozen) stop() error {
 	})
 }
 
-// collect collects the stopped process's state but descriptors and memory
-// contents into fz.State, running opt.LastRound on the way; it returns
-// the time each step took, for the log.
-func (fz *Frozen) collect(ctx context.Context, opt FreezeOptions) ([]any, error) {
+// collect collects the stopped process's state but memory contents into
+// fz.State, and its descriptors into ft unless ft is nil (a tree's
+// processes share one table, finished after all of them), running
+// opt.LastRound on the way; it returns the time each step took, for the
+// log.
+//
+// The final round reads memory off the tracer thread while the threads
+// and descriptors are collected on it: the two need different resources
+// (page tables and memory; ptrace stops), and the round's tracker covers
+// the mappings read before, not the scratch memory injection maps.
+func (fz *Frozen) collect(ctx context.Context, opt FreezeOptions, ft *fileTable) ([]any, error) {
 	c := fz.c
 	var timing []any
+	var t tracker.Tracker
 	err := fz.tr.Do(func() error {
 		// Tracking is resumed before mappings and descriptors are
 		// collected: it registers mappings and keeps a descriptor.
-		var t tracker.Tracker
 		if opt.TrackerDir != "" {
 			t1 := time.Now()
 			var err error
@@ -166,27 +165,6 @@ func (fz *Frozen) collect(ctx context.Context, opt FreezeOptions) ([]any, error)
 			return err
 		}
 		timing = append(timing, "maps", time.Since(t1))
-		if opt.LastRound != nil {
-			t1 = time.Now()
-			if err := opt.LastRound(ctx, t, c.vmas); err != nil {
-				return err
-			}
-			timing = append(timing, "last_round", time.Since(t1))
-		}
-		if t != nil && !opt.KeepTracking {
-			t1 = time.Now()
-			fz.tracker, c.tracked = nil, false
-			if err := t.Stop(); err != nil {
-				return err
-			}
-			// Unregistering changed the mappings' flags: read them anew.
-			c.flagsFrom = nil
-			if err := c.readMaps(); err != nil {
-				return err
-			}
-			timing = append(timing, "tracker_stop", time.Since(t1))
-		}
-		t1 = time.Now()
 		var err error
 		if c.stat, err = proc.ReadStat(fz.Pid); err != nil {
 			return err
@@ -196,8 +174,30 @@ func (fz *Frozen) collect(ctx context.Context, opt FreezeOptions) ([]any, error)
 				return err
 			}
 		}
+		return nil
+	})
+	if err != nil {
+		return timing, err
+	}
+	var last chan error
+	var lastTook time.Duration
+	if opt.LastRound != nil {
+		last = make(chan error, 1)
+		var view tracker.Tracker
+		if t != nil {
+			view = frozenTracker{Tracker: t, maps: c.maps}
+		}
+		vmas := c.vmas
+		go func() {
+			t1 := time.Now()
+			err := opt.LastRound(ctx, view, vmas)
+			lastTook = time.Since(t1)
+			last <- err
+		}()
+	}
+	t1 := time.Now()
+	err = fz.tr.Do(func() error {
 		p, err := c.process()
-		timing = append(timing, "threads", time.Since(t1))
 		if err != nil {
 			return err
 		}
@@ -209,11 +209,56 @@ func (fz *Frozen) collect(ctx context.Context, opt FreezeOptions) ([]any, error)
 		}
 		return nil
 	})
+	timing = append(timing, "threads", time.Since(t1))
+	if err == nil && ft != nil {
+		t1 := time.Now()
+		err = fz.collectFDs(ft)
+		if err == nil {
+			err = ft.finish()
+		}
+		timing = append(timing, "fds", time.Since(t1))
+	}
+	if last != nil {
+		// Always waited for: nothing may resume or stop tracking under
+		// the round.
+		if lerr := <-last; err == nil {
+			err = lerr
+		}
+		timing = append(timing, "last_round", lastTook)
+	}
+	if err == nil && t != nil && !opt.KeepTracking {
+		t1 := time.Now()
+		err = fz.tr.Do(func() error {
+			fz.tracker, c.tracked = nil, false
+			if err := t.Stop(); err != nil {
+				return err
+			}
+			// Unregistering changed the mappings' flags: read them anew.
+			c.flagsFrom = nil
+			if err := c.readMaps(); err != nil {
+				return err
+			}
+			fz.State.Process.Vmas = c.vmas
+			return nil
+		})
+		timing = append(timing, "tracker_stop", time.Since(t1))
+	}
 	if err == nil {
 		err = ctx.Err()
 	}
 	fz.XsaveFeatures = hostinfo.XCR0()
 	return timing, err
+}
+
+// frozenTracker is a tracker whose rounds cover the mappings the freeze
+// read (see tracker.Tracker.RoundIn).
+type frozenTracker struct {
+	tracker.Tracker
+	maps []proc.Mapping
+}
+
+func (f frozenTracker) Round(ctx context.Context) (*tracker.Delta, error) {
+	return f.Tracker.RoundIn(ctx, f.maps)
 }
 
 // collectFDs describes the process's descriptors into ft.

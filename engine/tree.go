@@ -108,7 +108,7 @@ func freezeTree(ctx context.Context, opt FreezeOptions) (*frozenTree, error) {
 	for _, fz := range t.procs {
 		o := opt
 		o.Pid = fz.Pid
-		if _, err := fz.collect(ctx, o); err != nil {
+		if _, err := fz.collect(ctx, o, nil); err != nil {
 			return fail(fmt.Errorf("process %d: %w", fz.Pid, err))
 		}
 	}

@@ -101,8 +101,9 @@ type Result struct {
 type Phases struct {
 	// FinalRoundMS is the last pre-copy round, run on the frozen process.
 	FinalRoundMS float64 `json:"final_round_ms"`
-	// CollectMS is reading the frozen process's state (threads, mappings,
-	// descriptors) after the final round.
+	// CollectMS is the rest of the freeze up to a complete state:
+	// stopping the threads and reading the process's state (threads,
+	// mappings, descriptors), less what ran alongside the final round.
 	CollectMS float64 `json:"collect_ms"`
 	// StateMS is sending that state to the target and its answer coming
 	// back: the request's time less the target's ReadyMS.
@@ -373,6 +374,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		prev, deferred = r.Recorded, r.Deferred
 		d := sender.Stats().Sub(before)
 		took := time.Since(t0)
+		m.log.Debug("round", "round", round, "scan", r.Scan, "copy", r.Copy, "took", took, "busy", d.Busy, "pages", r.PagesWritten)
 		if err := m.call(ctx, "RoundDone", func(ctx context.Context) error {
 			_, err := m.control.RoundDone(ctx, &migrationpb.RoundDoneRequest{MigrationId: m.id, Stats: &migrationpb.RoundStats{
 				Round: uint32(round), PagesData: d.PagesData, PagesZero: d.PagesZero, BytesRaw: d.RawBytes, BytesWire: d.WireBytes,
@@ -503,7 +505,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	}
 	collected := time.Now()
 	res.Phases.FinalRoundMS = ms(lastEnd.Sub(lastStart))
-	res.Phases.CollectMS = ms(collected.Sub(lastEnd) - scriptTime)
+	res.Phases.CollectMS = max(0, ms(collected.Sub(frozenAt)-scriptTime)-res.Phases.FinalRoundMS)
 	lockScript := scriptTime
 	st, err := finalState(fz)
 	if err != nil {

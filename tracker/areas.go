@@ -63,6 +63,15 @@ func areasOf(maps []proc.Mapping) []Area {
 	return out
 }
 
+// areasIn returns the areas of maps, or of pid's /proc/PID/maps when maps
+// is nil.
+func areasIn(pid int, maps []proc.Mapping) ([]Area, error) {
+	if maps != nil {
+		return areasOf(maps), nil
+	}
+	return readAreas(pid)
+}
+
 // readAreas reads the areas of pid from /proc/PID/maps.
 func readAreas(pid int) ([]Area, error) {
 	maps, err := proc.ReadMaps(pid)

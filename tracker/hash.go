@@ -6,6 +6,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/internal/pagereader"
 	"github.com/phaul/phaul/protocol/imagepb"
 )
@@ -103,12 +104,14 @@ func (t *hashTracker) old(addr uint64) uint64 {
 	return 0
 }
 
-func (t *hashTracker) Round(ctx context.Context) (*Delta, error) {
+func (t *hashTracker) Round(ctx context.Context) (*Delta, error) { return t.RoundIn(ctx, nil) }
+
+func (t *hashTracker) RoundIn(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
 	start := time.Now()
 	if t.pm == nil {
 		return nil, fmt.Errorf("tracking round of %d: tracker closed", t.pid)
 	}
-	areas, err := readAreas(t.pid)
+	areas, err := areasIn(t.pid, maps)
 	if err != nil {
 		return nil, fmt.Errorf("tracking round of %d: %w", t.pid, t.gone(err))
 	}

@@ -75,7 +75,9 @@ func clearRefs(pid int) error {
 	return nil
 }
 
-func (t *softDirtyTracker) Round(ctx context.Context) (*Delta, error) {
+func (t *softDirtyTracker) Round(ctx context.Context) (*Delta, error) { return t.RoundIn(ctx, nil) }
+
+func (t *softDirtyTracker) RoundIn(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
 	start := time.Now()
 	if t.pm == nil {
 		return nil, fmt.Errorf("tracking round of %d: tracker closed", t.pid)
@@ -83,7 +85,7 @@ func (t *softDirtyTracker) Round(ctx context.Context) (*Delta, error) {
 	var d *Delta
 	zero := zeroPFN()
 	err := t.ctl.Stopped(func(Syscaller) error {
-		areas, err := readAreas(t.pid)
+		areas, err := areasIn(t.pid, maps)
 		if err != nil {
 			return err
 		}

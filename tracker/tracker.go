@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/engine/ptrace"
 	"github.com/phaul/phaul/internal/feature"
 	"github.com/phaul/phaul/internal/sys"
@@ -59,6 +60,12 @@ type Tracker interface {
 	// more pages than were written, never fewer; see the package
 	// documentation for what each backend reports.
 	Round(ctx context.Context) (*Delta, error)
+	// RoundIn is Round over maps, the mappings of the stopped process as
+	// the caller read them, instead of those /proc/PID/maps shows by the
+	// time the round looks: memory the caller maps into the process
+	// meanwhile (to inject system calls) stays out of the round. nil maps
+	// is Round.
+	RoundIn(ctx context.Context, maps []proc.Mapping) (*Delta, error)
 	// Saved tells the tracker which bytes were recorded for the pages at
 	// addr after a round. The hash backend keeps their digests (so that
 	// the next round compares with what was recorded); the others ignore

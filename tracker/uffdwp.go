@@ -289,12 +289,14 @@ func (t *uffdTracker) scanWritten(r Range) (written, fresh Ranges, err error) {
 	return Normalize(written), fresh, nil
 }
 
-func (t *uffdTracker) Round(ctx context.Context) (*Delta, error) {
+func (t *uffdTracker) Round(ctx context.Context) (*Delta, error) { return t.RoundIn(ctx, nil) }
+
+func (t *uffdTracker) RoundIn(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
 	start := time.Now()
 	if t.uffd < 0 || t.pm == nil {
 		return nil, fmt.Errorf("tracking round of %d: tracker closed", t.pid)
 	}
-	areas, err := readAreas(t.pid)
+	areas, err := areasIn(t.pid, maps)
 	if err != nil {
 		return nil, fmt.Errorf("tracking round of %d: %w", t.pid, t.gone(err))
 	}
