@@ -588,8 +588,9 @@ func TestDumpRestoreJSON(t *testing.T) {
 }
 
 // TestDumpRestoreNonRoot restores a multi-threaded process of an ordinary
-// user: every thread must come back with that user's credentials and no
-// capabilities, not with the restorer's root.
+// user: every thread must come back with that user's credentials, no
+// capabilities and an empty bounding set (one call per capability to drop,
+// in every thread), not with the restorer's root.
 func TestDumpRestoreNonRoot(t *testing.T) {
 	if _, err := exec.LookPath("setpriv"); err != nil {
 		t.Skip("setpriv (util-linux) not installed")
@@ -613,7 +614,7 @@ func TestDumpRestoreNonRoot(t *testing.T) {
 	if err := os.WriteFile(exe, data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	w := testutil.StartWorkload(t, []string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe},
+	w := testutil.StartWorkload(t, []string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--bounding-set=-all", exe},
 		&testutil.Options{Name: "threads-nobody"})
 	dumpRestoreCycle(t, w, cycleOpts{})
 	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", w.Pid))
@@ -625,7 +626,7 @@ func TestDumpRestoreNonRoot(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, want := range []string{"Uid:\t65534\t65534\t65534\t65534", "Gid:\t65534\t65534\t65534\t65534", "CapEff:\t0000000000000000"} {
+		for _, want := range []string{"Uid:\t65534\t65534\t65534\t65534", "Gid:\t65534\t65534\t65534\t65534", "CapEff:\t0000000000000000", "CapBnd:\t0000000000000000"} {
 			if !strings.Contains(string(st), want) {
 				t.Errorf("thread %s after restore lacks %q:\n%s", task.Name(), want, st)
 			}

@@ -58,7 +58,7 @@ func (r *restorer) prepare() error {
 		{"signal handlers", r.setSigactions},
 		{"timers and limits", r.setTimers},
 		{"threads", r.createThreads},
-		{"main thread", func() error { return r.setThread(in, r.img.Threads[0]) }},
+		{"thread state", r.setThreads},
 		{"pending signals", r.queueSignals},
 	}
 	timing := []any{"mprotect", time.Since(t0)}
@@ -367,8 +367,9 @@ func (r *restorer) setTimers() error {
 // threadFlags are the clone flags of a thread of the same process.
 const threadFlags = sys.CLONE_VM | sys.CLONE_FS | sys.CLONE_FILES | sys.CLONE_SIGHAND | sys.CLONE_THREAD | sys.CLONE_SYSVSEM
 
-// createThreads clones every thread but the main one with its TID and
-// gives it its state. The clones run as batches from the main thread.
+// createThreads clones every thread but the main one with its TID, from
+// the main thread in batches, and waits for each to stop; setThreads
+// gives them their state.
 //
 // Precondition: called on the Tracer thread.
 func (r *restorer) createThreads() error {
@@ -420,27 +421,88 @@ func (r *restorer) createThreads() error {
 				return err
 			}
 		}
-		tin, err := r.injector(int(th.Tid))
+	}
+	return nil
+}
+
+// setThreads gives every thread, the main one too, its state (threadCalls)
+// with the threads side by side: each has a slot of the scratch area for
+// its arguments and batch, and the batches run at once, threadSlots
+// threads at a time. Their registers and signal masks are set when their
+// injectors close (the main thread's at the end of the restore).
+//
+// Precondition: called on the Tracer thread, the other threads created.
+func (r *restorer) setThreads() error {
+	threads := r.img.Threads
+	for first := 0; first < len(threads); first += threadSlots {
+		group := threads[first:min(len(threads), first+threadSlots)]
+		ins := make([]*ptrace.Injector, 0, len(group))
+		lists := make([]calls, 0, len(group))
+		err := func() (err error) {
+			defer func() {
+				for _, in := range ins {
+					if in == r.main {
+						in.UseBatchArea(r.scratch+scratchBatch, scratchSlots-scratchBatch)
+						continue
+					}
+					if cerr := in.Close(); err == nil {
+						err = cerr
+					}
+				}
+			}()
+			for i, th := range group {
+				in := r.main
+				if first+i > 0 {
+					var err error
+					if in, err = r.injector(int(th.Tid)); err != nil {
+						return err
+					}
+				}
+				ins = append(ins, in)
+				slot := r.scratch + scratchSlots + uint64(threadSlotSize*i)
+				in.UseBatchArea(slot+threadSlotBatch, threadSlotSize-threadSlotBatch)
+				c, err := r.threadCalls(in, th, slot)
+				if err != nil {
+					return fmt.Errorf("thread %d: %w", th.Tid, err)
+				}
+				lists = append(lists, c)
+			}
+			batches := make([][]ptrace.Call, len(lists))
+			for i, c := range lists {
+				batches[i] = c.list
+			}
+			res, err := ptrace.Batches(ins, batches)
+			if err != nil {
+				for i, c := range lists {
+					if n := len(res[i]); n < len(c.list) {
+						err = fmt.Errorf("thread %d: %s: %w", group[i].Tid, c.names[n], err)
+						break
+					}
+				}
+				return err
+			}
+			for i, th := range group {
+				if err := r.finishThread(ins[i], th); err != nil {
+					return fmt.Errorf("thread %d: %w", th.Tid, err)
+				}
+			}
+			return nil
+		}()
 		if err != nil {
-			return err
-		}
-		if err := r.setThread(tin, th); err != nil {
-			return fmt.Errorf("thread %d: %w", th.Tid, err)
-		}
-		if err := tin.Close(); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// setThread gives the thread behind in the state of th: clear-child-tid,
-// robust list, alternate stack, rseq, name, pending signals, credentials,
-// extended state; its registers and signal mask are set when the injector
-// closes.
+// threadCalls prepares the calls that give the thread behind in the state
+// of th: clear-child-tid, robust list, alternate stack, rseq, name,
+// credentials; their arguments go to the thread's scratch slot. Pending
+// signals are queued here, by the thread itself, before it drops
+// privileges: the calls before them run first.
 //
 // Precondition: called on the Tracer thread.
-func (r *restorer) setThread(in *ptrace.Injector, th *imagepb.Thread) error {
+func (r *restorer) threadCalls(in *ptrace.Injector, th *imagepb.Thread, slot uint64) (calls, error) {
 	var c calls
 	c.add("set_tid_address", sys.SYS_SET_TID_ADDRESS, th.ClearChildTid)
 	if th.RobustList != 0 {
@@ -451,41 +513,45 @@ func (r *restorer) setThread(in *ptrace.Injector, th *imagepb.Thread) error {
 		binary.LittleEndian.PutUint64(b[0:], as.Sp)
 		binary.LittleEndian.PutUint32(b[8:], uint32(as.Flags)&(1<<31)) // keep SS_AUTODISARM only
 		binary.LittleEndian.PutUint64(b[16:], as.Size)
-		if err := in.WriteMemory(r.scratch+512, b); err != nil {
-			return err
+		if err := in.WriteMemory(slot, b); err != nil {
+			return c, err
 		}
-		c.add("sigaltstack", sys.SYS_SIGALTSTACK, r.scratch+512, 0)
+		c.add("sigaltstack", sys.SYS_SIGALTSTACK, slot, 0)
 	}
 	if rs := th.Rseq; rs != nil {
 		// No critical section can be in progress in a frozen thread's
 		// restored image: clear rseq_cs so the kernel does not abort one.
 		if err := in.WriteMemory(rs.Pointer+8, make([]byte, 8)); err != nil {
-			return err
+			return c, err
 		}
 		c.add("rseq", sys.SYS_RSEQ, rs.Pointer, uint64(rs.Size), 0, uint64(rs.Signature))
 	}
-	if err := in.WriteMemory(r.scratch+1024, ptrace.CString(th.Comm)); err != nil {
-		return err
+	if err := in.WriteMemory(slot+64, ptrace.CString(th.Comm)); err != nil {
+		return c, err
 	}
-	c.add("thread name", sys.SYS_PRCTL, sys.PR_SET_NAME, r.scratch+1024)
+	c.add("thread name", sys.SYS_PRCTL, sys.PR_SET_NAME, slot+64)
 	if len(th.Pending) > 0 {
-		// Queued by the thread itself, before it drops privileges.
 		if _, err := c.run(in); err != nil {
-			return err
+			return c, err
 		}
 		c = calls{}
 		for _, si := range th.Pending {
 			if err := r.queueSignal(in, si, true); err != nil {
-				return err
+				return c, err
 			}
 		}
 	}
 	if err := r.setCreds(in, &c); err != nil {
-		return fmt.Errorf("credentials: %w", err)
+		return c, fmt.Errorf("credentials: %w", err)
 	}
-	if _, err := c.run(in); err != nil {
-		return err
-	}
+	return c, nil
+}
+
+// finishThread sets the extended state of the thread behind in, and the
+// registers and signal mask its injector restores when it closes.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) finishThread(in *ptrace.Injector, th *imagepb.Thread) error {
 	if len(th.Xstate) > 0 {
 		if err := sys.PtraceSetRegSet(in.Tid, sys.NT_X86_XSTATE, th.Xstate); err != nil {
 			return fmt.Errorf("xstate: %w", err)

@@ -13,15 +13,23 @@ import (
 )
 
 // The restorer's scratch area in the new process: arguments of injected
-// calls below batchArea, the code and table of batches above.
+// calls below scratchBatch, the code and table of batches above, then a
+// slot per thread for threads set up side by side.
 const (
-	restoreScratchSize = 16 * 4096
 	// Offsets of arguments that batches of calls need side by side.
 	scratchGroups     = 4096  // supplementary groups (4 KiB)
 	scratchSigactions = 8192  // one 32-byte sigaction per signal
 	scratchClone      = 16384 // clone3 arguments and TID, per thread
 	cloneArgsSize     = 96
-	scratchBatch      = 32768 // ptrace.Injector.Batch's area, to the end
+	scratchBatch      = 32768 // ptrace.Injector.Batch's area, to scratchSlots
+	scratchSlots      = 65536
+	// A thread's slot: its arguments, then its batch's code and table,
+	// large enough for every call threadCalls can make (a few, then up to
+	// 64 capabilities to drop and 64 to raise).
+	threadSlotSize     = 16384
+	threadSlotBatch    = 256
+	threadSlots        = 64
+	restoreScratchSize = scratchSlots + threadSlots*threadSlotSize
 )
 
 // vdsoKinds are the mappings the kernel provides and the restorer moves
@@ -221,7 +229,7 @@ func (r *restorer) placeScratch(vmas []*imagepb.VMA) error {
 	}
 	r.scratch = hole
 	in.UseScratch(hole, restoreScratchSize)
-	in.UseBatchArea(hole+scratchBatch, restoreScratchSize-scratchBatch)
+	in.UseBatchArea(hole+scratchBatch, scratchSlots-scratchBatch)
 	return nil
 }
 
@@ -234,7 +242,7 @@ func (r *restorer) injector(tid int) (*ptrace.Injector, error) {
 		return nil, err
 	}
 	in.UseScratch(r.scratch, restoreScratchSize)
-	in.UseBatchArea(r.scratch+scratchBatch, restoreScratchSize-scratchBatch)
+	in.UseBatchArea(r.scratch+scratchBatch, scratchSlots-scratchBatch)
 	return in, nil
 }
 
