@@ -181,6 +181,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			return nil, fmt.Errorf("migrate %d: %w", cfg.Pid, err)
 		}
 	}
+	// What the hello tells of this host is collected while connecting
+	// (the kernel feature probes take tens of milliseconds).
+	hostc := make(chan *migrationpb.HostInfo, 1)
+	go func() { hostc <- hostinfo.Collect() }()
 	sess, err := transport.Dial(ctx, transport.ClientConfig{Address: cfg.Target,
 		Config: transport.Config{TLS: cfg.TLS, Insecure: cfg.Insecure, Logger: log}})
 	if err != nil {
@@ -193,7 +197,28 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	defer cc.Close()
 	control := migrationpb.NewControlClient(cc)
-	host := hostinfo.Collect()
+	// Tracking starts while the target is greeted and readies the
+	// migration; it is stopped again unless the rounds take it over.
+	type tracking struct {
+		t   tracker.Tracker
+		err error
+	}
+	trackc := make(chan tracking, 1)
+	go func() {
+		t, err := tracker.Start(ctx, cfg.Pid, tracker.Options{Backend: cfg.Track, Logger: log})
+		trackc <- tracking{t, err}
+	}()
+	var t tracker.Tracker
+	defer func() {
+		if t == nil {
+			if tr := <-trackc; tr.err == nil {
+				if err := tr.t.Stop(); err != nil {
+					log.Warn("stop tracking", "err", err)
+				}
+			}
+		}
+	}()
+	host := <-hostc
 	var hello *migrationpb.HelloResponse
 	err = call(ctx, "Hello", cfg.FreezeTimeout, func(ctx context.Context) (err error) {
 		hello, err = control.Hello(ctx, protocol.NewHelloRequest(protocol.Local{
@@ -218,7 +243,13 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, fmt.Errorf("migrate %d: start: %w", cfg.Pid, err)
 	}
 	m := &migration{cfg: cfg, log: log, id: started.GetMigrationId(), control: control, xsave: host.GetXsaveFeatures()}
-	res, err := m.run(ctx, migrationpb.NewPagesClient(cc), hello.GetCodec())
+	tr := <-trackc
+	if tr.err != nil {
+		m.abort(tr.err.Error())
+		return nil, fmt.Errorf("migrate %d: start tracking: %w", cfg.Pid, tr.err)
+	}
+	t = tr.t
+	res, err := m.run(ctx, migrationpb.NewPagesClient(cc), hello.GetCodec(), t)
 	if err != nil {
 		if !errors.Is(err, ErrCommitUnknown) && !errors.Is(err, ErrCommitRefused) {
 			m.abort(err.Error())
@@ -304,13 +335,9 @@ func (m *migration) beginRound(ctx context.Context, round int, vmas []*imagepb.V
 	return nil
 }
 
-func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, codec pagestream.Codec) (_ *Result, rerr error) {
+func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, codec pagestream.Codec, t tracker.Tracker) (_ *Result, rerr error) {
 	cfg := m.cfg
 	pid := int32(cfg.Pid)
-	t, err := tracker.Start(ctx, cfg.Pid, tracker.Options{Backend: cfg.Track, Logger: m.log})
-	if err != nil {
-		return nil, fmt.Errorf("start tracking: %w", err)
-	}
 	parked := false
 	defer func() {
 		if !parked {
