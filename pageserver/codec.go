@@ -5,12 +5,12 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/encoding"
-	"google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/encoding/protowire"
 	protobuf "google.golang.org/protobuf/proto"
 
 	"github.com/phaul/phaul/protocol/migrationpb"
+	"github.com/phaul/phaul/transport"
 )
 
 // GRPCServerOptions are the options of a gRPC server carrying the page
@@ -22,8 +22,8 @@ func GRPCServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{grpc.ForceServerCodecV2(wireCodec{std: stdCodec()})}
 }
 
-// stdCodec is gRPC's proto codec.
-func stdCodec() encoding.CodecV2 { return encoding.GetCodecV2(proto.Name) }
+// stdCodec is the sessions' proto codec.
+func stdCodec() encoding.CodecV2 { return transport.Codec() }
 
 // wireCodec is the standard proto codec, except for PageStreamRequest:
 // the payload of its batch aliases the received buffer, which is kept in
@@ -43,7 +43,7 @@ func (c wireCodec) unmarshal(data mem.BufferSlice, v any) error {
 	if !ok {
 		return c.std.Unmarshal(data, v)
 	}
-	buf := data.MaterializeToBuffer(mem.DefaultBufferPool())
+	buf := data.MaterializeToBuffer(transport.BufferPool())
 	b := buf.ReadOnlyData()
 	rest, payload, ok := splitPayload(b)
 	if !ok {

@@ -7,13 +7,15 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/experimental"
 
 	"github.com/phaul/phaul/internal/fault"
 )
 
 // gRPC tuning for bulk page streams on a session: large flow-control
-// windows (no slow start from 64 KiB) and large buffers, so that yamux
-// carries few, large frames.
+// windows (no slow start from 64 KiB), large buffers, so that yamux
+// carries few, large frames, and buffers that are not cleared
+// (BufferPool).
 const (
 	grpcWindow     = 16 << 20
 	grpcBuffer     = 1 << 20
@@ -31,6 +33,7 @@ func GRPCServerOptions() []grpc.ServerOption {
 		grpc.WriteBufferSize(grpcBuffer),
 		grpc.MaxRecvMsgSize(grpcMaxMessage),
 		grpc.MaxSendMsgSize(grpcMaxMessage),
+		experimental.BufferPool(BufferPool()),
 	}, fault.ServerOptions()...) // test-only fault points; none unless armed
 }
 
@@ -64,7 +67,9 @@ func (s *Session) DialGRPC(opts ...grpc.DialOption) (*grpc.ClientConn, error) {
 		grpc.WithInitialConnWindowSize(grpcWindow),
 		grpc.WithReadBufferSize(grpcBuffer),
 		grpc.WithWriteBufferSize(grpcBuffer),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(grpcMaxMessage), grpc.MaxCallSendMsgSize(grpcMaxMessage)),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(grpcMaxMessage), grpc.MaxCallSendMsgSize(grpcMaxMessage),
+			grpc.ForceCodecV2(Codec())),
+		experimental.WithBufferPool(BufferPool()),
 	}
 	base = append(base, fault.DialOptions()...) // test-only fault points; none unless armed
 	cc, err := grpc.NewClient("passthrough:///phaul-session", append(base, opts...)...)
