@@ -208,9 +208,9 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		t, err := tracker.Start(ctx, cfg.Pid, tracker.Options{Backend: cfg.Track, Logger: log})
 		trackc <- tracking{t, err}
 	}()
-	var t tracker.Tracker
+	received := false // from trackc; then m.run owns the tracker
 	defer func() {
-		if t == nil {
+		if !received {
 			if tr := <-trackc; tr.err == nil {
 				if err := tr.t.Stop(); err != nil {
 					log.Warn("stop tracking", "err", err)
@@ -244,12 +244,12 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	m := &migration{cfg: cfg, log: log, id: started.GetMigrationId(), control: control, xsave: host.GetXsaveFeatures()}
 	tr := <-trackc
+	received = true
 	if tr.err != nil {
 		m.abort(tr.err.Error())
 		return nil, fmt.Errorf("migrate %d: start tracking: %w", cfg.Pid, tr.err)
 	}
-	t = tr.t
-	res, err := m.run(ctx, migrationpb.NewPagesClient(cc), hello.GetCodec(), t)
+	res, err := m.run(ctx, migrationpb.NewPagesClient(cc), hello.GetCodec(), tr.t)
 	if err != nil {
 		if !errors.Is(err, ErrCommitUnknown) && !errors.Is(err, ErrCommitRefused) {
 			m.abort(err.Error())

@@ -23,6 +23,7 @@ import (
 	"github.com/phaul/phaul/pagestream"
 	"github.com/phaul/phaul/protocol"
 	"github.com/phaul/phaul/protocol/migrationpb"
+	"github.com/phaul/phaul/tracker"
 	"github.com/phaul/phaul/transport"
 )
 
@@ -379,4 +380,38 @@ func cpuTime(t *testing.T, pid int) time.Duration {
 		t.Fatalf("schedstat %q: %v", b, err)
 	}
 	return time.Duration(ns)
+}
+
+// TestRunTrackingRefused migrates a process whose memory is already
+// tracked (tracking starts while the target is greeted): Run must fail
+// naming the cause, tell the target to abort, and leave the process
+// running with the other tracking as it was.
+func TestRunTrackingRefused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: ptrace of the migrated process")
+	}
+	testutil.SkipIfNotSupported(t, tracker.Supported(tracker.UffdWP))
+	pid := startChild(t)
+	other, err := tracker.Start(context.Background(), pid, tracker.Options{Backend: tracker.UffdWP})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Stop()
+	f := &fakeTarget{}
+	addr := startFakeTarget(t, f)
+	_, err = Run(context.Background(), Config{Pid: pid, Target: addr, Policy: DefaultPolicy(), Track: tracker.UffdWP, Logger: discardLogger()})
+	if !errors.Is(err, tracker.ErrAlreadyTracked) || !strings.Contains(err.Error(), "start tracking") {
+		t.Fatalf("Run: %v, want a start-tracking error matching ErrAlreadyTracked", err)
+	}
+	f.mu.Lock()
+	aborts := f.aborts
+	f.mu.Unlock()
+	if aborts != 1 {
+		t.Errorf("%d aborts sent to the target, want 1", aborts)
+	}
+	waitState(t, pid, "running, untraced", func(state byte, tracer string) bool { return state != 'T' && state != 't' && tracer == "0" })
+	// The other tracking still works.
+	if _, err := other.Round(context.Background()); err != nil {
+		t.Errorf("the other tracker after the refused migration: %v", err)
+	}
 }
