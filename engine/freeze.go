@@ -29,11 +29,14 @@ type FreezeOptions struct {
 	// TrackerDir holds tracking state parked by earlier rounds
 	// (tracker.Tracker.Park); empty when the process was not tracked.
 	TrackerDir string
-	// LastRound, when set, runs on the frozen process before the rest of
-	// its state is collected, with the tracker resumed from TrackerDir (nil
-	// when there was none) and the process's mappings: the final round of
-	// a pre-copy, exact because nothing runs. It runs on the tracer thread. Tracking is removed from the
-	// process after it returns, unless KeepTracking.
+	// LastRound, when set, runs on the frozen process, with the tracker
+	// resumed from TrackerDir (nil when there was none) and the process's
+	// mappings: the final round of a pre-copy, exact because nothing runs.
+	// It runs on a goroutine of its own while the threads and descriptors
+	// are collected, so it must not issue ptrace requests; the tracker's
+	// rounds cover the mappings read at the freeze (tracker.RoundIn), not
+	// the scratch memory the collection maps meanwhile. Tracking is
+	// removed from the process after it returns, unless KeepTracking.
 	LastRound func(ctx context.Context, t tracker.Tracker, vmas []*imagepb.VMA) error
 	// KeepTracking leaves tracking registered in the process while it is
 	// frozen, for a caller that reads no memory after the last round

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/phaul/phaul/engine/proc"
 	"github.com/phaul/phaul/internal/testutil"
 	"github.com/phaul/phaul/tracker"
 )
@@ -396,4 +397,43 @@ func TestSoftDirtyAbsent(t *testing.T) {
 	if b, err := tracker.Choose(tracker.Auto); err != nil || b == tracker.SoftDirty {
 		t.Errorf("Choose(auto) = %s, %v", b, err)
 	}
+}
+
+// TestRoundIn: a round over mappings read earlier leaves out a mapping
+// made since (as an injection scratch is), and still reports the writes
+// to the others; a plain round afterwards finds the new mapping.
+func TestRoundIn(t *testing.T) {
+	backends(t, func(t *testing.T, backend string) {
+		w := startWorkload(t)
+		w.mapRegion(t, "a", 8)
+		w.do(t, "write a 0 8 1")
+		tr, err := tracker.Start(context.Background(), w.Pid, tracker.Options{Backend: backend})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tr.Stop()
+		round(t, tr)
+		maps, err := proc.ReadMaps(w.Pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.mapRegion(t, "b", 4)
+		w.do(t, "write b 0 4 1")
+		w.do(t, "write a 3 1 2")
+		d, err := tr.RoundIn(context.Background(), maps)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := tracker.Intersect(tracker.AreaRanges(d.Areas), w.span("b")); len(got) != 0 {
+			t.Errorf("the mapping made after the maps were read is in the round's areas: %v", got)
+		}
+		if got := tracker.Intersect(d.Dirty, w.span("b")); len(got) != 0 {
+			t.Errorf("the mapping made after the maps were read is reported written: %v", got)
+		}
+		expect(t, w, d, "a", "round over earlier maps", w.pageSet("a", 3))
+		d = round(t, tr)
+		if got := tracker.Intersect(d.Dirty, w.span("b")); !equal(got, w.span("b")) {
+			t.Errorf("the next plain round reports %s of the new mapping written, want all of it", w.pageNumbers("b", got))
+		}
+	})
 }
