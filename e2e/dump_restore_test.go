@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/engine/image"
 	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/internal/testutil"
 )
@@ -632,4 +633,34 @@ func TestDumpRestoreNonRoot(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestRestoreThreadStateRefused restores an image in which one thread's
+// robust futex list has a length the kernel refuses: the threads' state is
+// set in one parallel step, and the failure must name that thread and the
+// call, and leave no process behind.
+func TestRestoreThreadStateRefused(t *testing.T) {
+	w := startFixture(t, "threads")
+	dir := imageDir(t)
+	dumpAndWaitGone(t, w, dir)
+	d := image.Dir{Path: dir}
+	p, err := d.ReadProcess(w.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(p.Threads) < 3 {
+		t.Fatalf("the fixture dumped %d threads", len(p.Threads))
+	}
+	bad := p.Threads[2]
+	bad.RobustList, bad.RobustListLen = 0x1000, 1 // set_robust_list wants sizeof(struct robust_list_head)
+	if err := d.WriteProcess(p); err != nil {
+		t.Fatal(err)
+	}
+	children := childSet()
+	r := runPhaul(t, w, "restore", "-D", dir, "-d")
+	r.mustFail(t, w, `thread `+strconv.Itoa(int(bad.Tid))+`\b`, `set_robust_list`, `invalid argument`)
+	if err := testutil.WaitPidGone(w.Pid, 5*time.Second); err != nil {
+		t.Errorf("after the failed restore: %v", err)
+	}
+	assertNoLeaks(t, children)
 }
