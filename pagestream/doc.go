@@ -4,10 +4,10 @@
 // A batch (migrationpb.PageBatch) holds runs of one process from one round,
 // each of one kind: data pages, zero pages, or gone pages (the process no
 // longer has them). Zero pages never travel as data: the source detects
-// them and sends only their addresses. The data pages are concatenated,
-// checksummed (CRC-32C of the uncompressed bytes) and compressed with the
-// stream's codec (S2 by default, zstd or none), or sent uncompressed when
-// compression does not help.
+// them and sends only their addresses. The data pages are concatenated
+// and compressed with the stream's codec (S2 by default, zstd or none),
+// or sent uncompressed when compression does not help; the payload as
+// sent carries its CRC-32C.
 //
 // The source side is Sender, one per migration and page stream. Its Sink
 // is what a pre-copy round writes to (the predump.Sink shape: WritePages,

@@ -87,8 +87,8 @@ func BuildBatch(enc *Encoder, dst []byte, seq uint64, pid int32, round uint32, r
 		m.Runs[i] = pbRun(r)
 	}
 	if len(data) > 0 {
-		m.Crc32C = Checksum(data)
 		m.Payload, m.Codec = enc.Encode(dst, data)
+		m.Crc32C = Checksum(m.Payload)
 	} else {
 		m.Codec = CodecNone
 	}

@@ -545,14 +545,14 @@ func (b *outBatch) encode(enc *Encoder, pageSize int) {
 	}
 	if w > 0 {
 		data := raw[:w]
-		m.Crc32C = Checksum(data)
-		_ = fault.Data(fault.SourceBatch, data) // test-only; nothing unless armed
 		if enc.Codec() != CodecNone {
 			b.dst = getBuffer(maxEncodedLen(enc.Codec(), w))
 			m.Payload, m.Codec = enc.Encode((*b.dst)[:0], data)
 		} else {
 			m.Payload = data
 		}
+		m.Crc32C = Checksum(m.Payload)
+		_ = fault.Data(fault.SourceBatch, m.Payload) // test-only; nothing unless armed
 	}
 	b.msg = m
 }

@@ -13,8 +13,8 @@ import (
 // version in [MinVersion, Version]; two ends talk when their ranges overlap,
 // and then speak the highest version both know.
 const (
-	Version    uint32 = 1
-	MinVersion uint32 = 1
+	Version    uint32 = 2
+	MinVersion uint32 = 2
 )
 
 // ErrRefused is matched by the error a source gets when the target refused

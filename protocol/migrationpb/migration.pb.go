@@ -1657,7 +1657,7 @@ type PageBatch struct {
 	Payload []byte `protobuf:"bytes,6,opt,name=payload,proto3" json:"payload,omitempty"`
 	// Length of the uncompressed payload: data pages × page size.
 	RawSize uint64 `protobuf:"varint,7,opt,name=raw_size,json=rawSize,proto3" json:"raw_size,omitempty"`
-	// CRC-32C (Castagnoli) of the uncompressed payload.
+	// CRC-32C (Castagnoli) of payload as sent (compressed or not).
 	Crc32C        uint32 `protobuf:"varint,8,opt,name=crc32c,proto3" json:"crc32c,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
