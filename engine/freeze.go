@@ -324,7 +324,13 @@ func (f *Frozen) Resume() error {
 }
 
 // Kill kills the process and waits until its threads are gone.
-func (f *Frozen) Kill() error {
+func (f *Frozen) Kill() error { return f.KillWhile(nil) }
+
+// KillWhile kills the process and, unless fn is nil, runs fn on its own
+// goroutine while the threads exit (freeing a large address space takes
+// tens of milliseconds); it returns once they are gone and fn returned.
+// fn runs after SIGKILL was sent, and also when sending it failed.
+func (f *Frozen) KillWhile(fn func()) error {
 	if f.done {
 		return errors.New("process already resumed or killed")
 	}
@@ -334,7 +340,18 @@ func (f *Frozen) Kill() error {
 	// network lock stays until Restore.
 	defer closeSockets(f.sockets)
 	return f.tr.Do(func() error {
-		err := f.c.frozen.Kill()
+		err := f.c.frozen.SendKill()
+		if fn != nil {
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				fn()
+			}()
+			defer func() { <-done }()
+		}
+		if err == nil {
+			f.c.frozen.Reap()
+		}
 		if f.tracker != nil {
 			// The registrations and the parked descriptor die with it;
 			// phaul's copy is closed after, when there is no memory left

@@ -3,6 +3,8 @@ package engine_test
 import (
 	"context"
 	"os"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -200,4 +202,38 @@ func TestFreezeFlagsBeforeFreeze(t *testing.T) {
 		}
 	}
 	w.mustCheck(t)
+}
+
+// TestKillWhile: the function runs once SIGKILL is on its way (the
+// process never runs again), and KillWhile returns after both the
+// function and the process's exit.
+func TestKillWhile(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("freezing a process needs root (ptrace)")
+	}
+	w := startRewrite(t)
+	w.mustCheck(t)
+	fz, err := engine.Freeze(context.Background(), engine.FreezeOptions{Pid: w.Pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var killed, ran bool
+	err = fz.KillWhile(func() {
+		// SIGKILL pending on the process, or the process already dying.
+		status, err := testutil.ProcStatus(w.Pid, w.Pid)
+		pending, _ := strconv.ParseUint(status["ShdPnd"], 16, 64)
+		killed = err != nil || pending&(1<<(sys.SIGKILL-1)) != 0 || strings.HasPrefix(status["State"], "Z") || strings.HasPrefix(status["State"], "X")
+		time.Sleep(20 * time.Millisecond)
+		ran = true
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ran {
+		t.Fatal("KillWhile returned before its function did")
+	}
+	if !killed {
+		t.Fatal("the function ran before SIGKILL was sent")
+	}
+	w.waitGone(t)
 }

@@ -616,9 +616,26 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	res.DowntimeMS = ms(res.Downtime)
 	res.Phases.CommitMS = ms(time.Since(readyAt))
 	done = true
-	if err := fz.Kill(); err != nil {
+	// The target learns that the original is gone, and acknowledges the
+	// final round, while the original's threads exit.
+	confirmed := func() {
+		if err := m.call(context.Background(), "Confirm", func(ctx context.Context) error {
+			_, err := m.control.Confirm(ctx, &migrationpb.ConfirmRequest{MigrationId: m.id})
+			return err
+		}); err != nil {
+			m.log.Warn("confirm", "err", err)
+		}
+		// The final round, now that the target acknowledged it:
+		// outside the downtime.
+		if err := sender.WaitAcked(finalSink.LastSeq()); err != nil {
+			m.log.Warn("final round acknowledgement", "err", err)
+		}
+	}
+	killAt := time.Now()
+	if err := fz.KillWhile(confirmed); err != nil {
 		m.log.Error("kill the original after commit", "err", err)
 	}
+	m.log.Debug("original gone, target confirmed", "took", time.Since(killAt))
 	// The process runs there: what fails from here is reported, not
 	// undone. The scripts have their own time limit.
 	if err := scripts.Run(context.Background(), actionscript.PostResume); err != nil {
@@ -629,17 +646,6 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	}
 	if err := scripts.Run(context.Background(), actionscript.NetworkUnlock); err != nil {
 		m.log.Error("after the commit", "err", err)
-	}
-	if err := m.call(context.Background(), "Confirm", func(ctx context.Context) error {
-		_, err := m.control.Confirm(ctx, &migrationpb.ConfirmRequest{MigrationId: m.id})
-		return err
-	}); err != nil {
-		m.log.Warn("confirm", "err", err)
-	}
-	// The final round, now that the target acknowledged it: outside the
-	// downtime.
-	if err := sender.WaitAcked(finalSink.LastSeq()); err != nil {
-		m.log.Warn("final round acknowledgement", "err", err)
 	}
 	finalStats := sender.Stats().Sub(before)
 	res.PerRound = append(res.PerRound, RoundReport{Round: round, Pages: finalStats.PagesData, PagesZero: finalStats.PagesZero,

@@ -227,12 +227,30 @@ func (f *Frozen) Resume(gadget uint64) error {
 //
 // Precondition: called on the Tracer thread.
 func (f *Frozen) Kill() error {
+	if err := f.SendKill(); err != nil {
+		return err
+	}
+	f.Reap()
+	return nil
+}
+
+// SendKill sends SIGKILL to the frozen process: from here on it never
+// runs again, but its threads are still exiting (Reap waits for them).
+// Any thread may call it.
+func (f *Frozen) SendKill() error {
 	if err := sys.Kill(f.Pid, sys.SIGKILL); err != nil && !errors.Is(err, sys.ESRCH) {
 		return fmt.Errorf("kill %d: %w", f.Pid, err)
 	}
+	return nil
+}
+
+// Reap waits until every thread of the process killed by SendKill is
+// gone.
+//
+// Precondition: called on the Tracer thread.
+func (f *Frozen) Reap() {
 	ReapThreads(f.Tids)
 	f.Tids = nil
-	return nil
 }
 
 // ReapThreads waits until every thread in tids (the thread-group leader
