@@ -1,12 +1,14 @@
 package predump_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/internal/sys"
 	"github.com/phaul/phaul/internal/testutil"
 	"github.com/phaul/phaul/predump"
 	"github.com/phaul/phaul/tracker"
@@ -177,5 +179,91 @@ func TestRoundLayout(t *testing.T) {
 	}
 	if got := tracker.Intersect(sink.written, region); got.Pages() != s.Pages {
 		t.Errorf("the next round wrote %d pages of the region, want all %d", got.Pages(), s.Pages)
+	}
+}
+
+// checkSink is a memSink that compares every written page with what the
+// (stopped) process holds there.
+type checkSink struct {
+	memSink
+	mem *os.File
+	bad []uint64
+}
+
+func (s *checkSink) WritePages(addr uint64, data []byte) error {
+	if err := s.memSink.WritePages(addr, data); err != nil {
+		return err
+	}
+	want := make([]byte, len(data))
+	if _, err := s.mem.ReadAt(want, int64(addr)); err != nil {
+		return err
+	}
+	for off := 0; off < len(data); off += predump.PageSize {
+		if !bytes.Equal(data[off:off+predump.PageSize], want[off:off+predump.PageSize]) {
+			s.bad = append(s.bad, addr+uint64(off))
+		}
+	}
+	return nil
+}
+
+// TestRoundsShareBuffers runs rounds that read into the buffers of the
+// rounds before (Options.Buffers), the process stopped during each round:
+// every page a round hands on holds what the process holds, not what an
+// earlier round read into the same memory.
+func TestRoundsShareBuffers(t *testing.T) {
+	testutil.SkipIfNotSupported(t, tracker.Supported(tracker.UffdWP))
+	s := startSpin(t, "--mib", "24", "--hot", "64", "--rate", "5000")
+	tr, err := tracker.Start(context.Background(), s.Pid, tracker.Options{Backend: tracker.UffdWP})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Stop()
+	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", s.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	bufs := new(predump.Buffers)
+	var prev tracker.Ranges
+	for i := 1; i <= 4; i++ {
+		if err := sys.Kill(s.Pid, sys.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		waitState(t, s.Pid, 'T')
+		sink := &checkSink{mem: mem}
+		res, err := predump.Run(context.Background(), tr, sink, predump.Options{Previous: prev, Buffers: bufs})
+		if err := sys.Kill(s.Pid, sys.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(sink.bad) > 0 {
+			t.Fatalf("round %d: %d of %d pages differ from the process's, the first at %#x", i, len(sink.bad), res.PagesWritten, sink.bad[0])
+		}
+		if i > 1 && res.PagesWritten == 0 {
+			t.Fatalf("round %d wrote nothing: the test checks nothing", i)
+		}
+		t.Logf("round %d: %d pages written, checked", i, res.PagesWritten)
+		prev = res.Recorded
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func waitState(t *testing.T, pid int, state byte) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st, err := testutil.ReadProcStat(pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State == state {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d in state %c, want %c", pid, st.State, state)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }

@@ -380,6 +380,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	res := &Result{Pid: cfg.Pid, Tracker: t.Backend()}
 	var prev, deferred tracker.Ranges // recorded by the target; mapped too late for a round's layout
 	var rounds []Round
+	bufs := new(predump.Buffers) // every round reads into the same memory
 	round := 0
 	for ; ; round++ {
 		if err := ctx.Err(); err != nil {
@@ -394,7 +395,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		}
 		before := sender.Stats()
 		t0 := time.Now()
-		r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev, Layout: layoutRanges(vmas), Deferred: deferred})
+		r, err := predump.Run(ctx, t, sender.Sink(pid, uint32(round)), predump.Options{Previous: prev, Layout: layoutRanges(vmas), Deferred: deferred, Buffers: bufs})
 		if err != nil {
 			return nil, fmt.Errorf("round %d: %w", round, m.pageErr(err))
 		}
@@ -465,7 +466,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 			// state names the last batch, and the target applies it
 			// before restoring, while the state is collected here.
 			finalSink = sender.FinalSink(pid, uint32(round))
-			r, err := predump.Run(ctx, t, finalSink, predump.Options{Previous: prev, Deferred: deferred})
+			r, err := predump.Run(ctx, t, finalSink, predump.Options{Previous: prev, Deferred: deferred, Buffers: bufs})
 			if err != nil {
 				return fmt.Errorf("final round: %w", m.pageErr(err))
 			}
