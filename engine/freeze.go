@@ -33,10 +33,11 @@ type FreezeOptions struct {
 	// resumed from TrackerDir (nil when there was none) and the process's
 	// mappings: the final round of a pre-copy, exact because nothing runs.
 	// It runs on a goroutine of its own while the threads and descriptors
-	// are collected, so it must not issue ptrace requests; the tracker's
-	// rounds cover the mappings read at the freeze (tracker.RoundIn), not
-	// the scratch memory the collection maps meanwhile. Tracking is
-	// removed from the process after it returns, unless KeepTracking.
+	// are collected, so it must not issue ptrace requests. The tracker's
+	// Round is its FinalRound: over the mappings read at the freeze, not
+	// the scratch memory the collection maps meanwhile, and leaving what
+	// it reports unarmed (no round follows). Tracking is removed from
+	// the process after LastRound returns, unless KeepTracking.
 	LastRound func(ctx context.Context, t tracker.Tracker, vmas []*imagepb.VMA) error
 	// KeepTracking leaves tracking registered in the process while it is
 	// frozen, for a caller that reads no memory after the last round
@@ -253,15 +254,15 @@ func (fz *Frozen) collect(ctx context.Context, opt FreezeOptions, ft *fileTable)
 	return timing, err
 }
 
-// frozenTracker is a tracker whose rounds cover the mappings the freeze
-// read (see tracker.Tracker.RoundIn).
+// frozenTracker is a tracker whose round is the final one, over the
+// mappings the freeze read (see tracker.Tracker.FinalRound).
 type frozenTracker struct {
 	tracker.Tracker
 	maps []proc.Mapping
 }
 
 func (f frozenTracker) Round(ctx context.Context) (*tracker.Delta, error) {
-	return f.Tracker.RoundIn(ctx, f.maps)
+	return f.Tracker.FinalRound(ctx, f.maps)
 }
 
 // collectFDs describes the process's descriptors into ft.

@@ -104,9 +104,10 @@ func (t *hashTracker) old(addr uint64) uint64 {
 	return 0
 }
 
-func (t *hashTracker) Round(ctx context.Context) (*Delta, error) { return t.RoundIn(ctx, nil) }
+func (t *hashTracker) Round(ctx context.Context) (*Delta, error) { return t.FinalRound(ctx, nil) }
 
-func (t *hashTracker) RoundIn(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
+// FinalRound is Round over maps: comparing digests arms nothing.
+func (t *hashTracker) FinalRound(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
 	start := time.Now()
 	if t.pm == nil {
 		return nil, fmt.Errorf("tracking round of %d: tracker closed", t.pid)

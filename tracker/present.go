@@ -98,29 +98,46 @@ func (p *Pagemap) Present(a Area) (Ranges, error) { return p.PresentWithin(a, ni
 // any other page holds nothing of the process's own, and a large sparse
 // mapping, whose unpopulated pages carry userfaultfd markers the walk must
 // visit, is not walked whole again on every round.
+//
+// Ranges of within less than lookGap apart are walked as one and the
+// answer cut back to them: walking a few hundred pages costs less than a
+// system call, and the pages written between two rounds are scattered
+// (1,600 of them over 1 GiB took 1,600 scans and 10 ms).
 func (p *Pagemap) PresentWithin(a Area, within Ranges) (Ranges, error) {
 	look := Ranges{a.Range}
 	if within != nil {
 		look = Intersect(look, within)
 	}
 	var out Ranges
-	for _, r := range look {
+	for i := 0; i < len(look); {
+		j := i + 1
+		for j < len(look) && look[j].Start-look[j-1].End <= lookGap {
+			j++
+		}
+		walk := Area{Range: Range{look[i].Start, look[j-1].End}, File: a.File}
 		var got Ranges
 		var err error
 		if p.scan {
-			got, err = p.presentScan(Area{Range: r, File: a.File})
+			got, err = p.presentScan(walk)
 		} else {
-			got, err = p.presentEntries(Area{Range: r, File: a.File})
+			got, err = p.presentEntries(walk)
 		}
 		if err != nil {
 			return nil, err
 		}
+		if j-i > 1 {
+			got = Intersect(got, look[i:j])
+		}
 		for _, g := range got {
 			out.Add(g.Start, g.End)
 		}
+		i = j
 	}
 	return out, nil
 }
+
+// lookGap is the widest gap between two ranges PresentWithin walks over.
+const lookGap = 256 * PageSize
 
 func (p *Pagemap) presentScan(a Area) (Ranges, error) {
 	regs, err := p.Scan(a.Start, a.End, sys.PmScanArg{

@@ -82,10 +82,21 @@ func Union(a, b Ranges) Ranges {
 	return out
 }
 
-// Intersect returns the pages in both a and b.
+// Intersect returns the pages in both a and b. What one set holds before
+// the other's next range is skipped by binary search, so that a few
+// ranges (one mapping's) against a long set (a round's dirty pages) cost
+// little.
 func Intersect(a, b Ranges) Ranges {
 	var out Ranges
 	for len(a) > 0 && len(b) > 0 {
+		if a[0].End <= b[0].Start {
+			a = a[endingAfter(a, b[0].Start):]
+			continue
+		}
+		if b[0].End <= a[0].Start {
+			b = b[endingAfter(b, a[0].Start):]
+			continue
+		}
 		start, end := max(a[0].Start, b[0].Start), min(a[0].End, b[0].End)
 		out.Add(start, end)
 		if a[0].End < b[0].End {
@@ -97,14 +108,18 @@ func Intersect(a, b Ranges) Ranges {
 	return out
 }
 
+// endingAfter returns the index of the first range of rs that ends after
+// addr (len(rs) if none does).
+func endingAfter(rs Ranges, addr uint64) int {
+	return sort.Search(len(rs), func(i int) bool { return rs[i].End > addr })
+}
+
 // Subtract returns the pages in a but not in b.
 func Subtract(a, b Ranges) Ranges {
 	var out Ranges
 	for _, r := range a {
 		start := r.Start
-		for len(b) > 0 && b[0].End <= start {
-			b = b[1:]
-		}
+		b = b[endingAfter(b, start):]
 		for i := 0; i < len(b) && b[i].Start < r.End; i++ {
 			out.Add(start, min(b[i].Start, r.End))
 			start = max(start, b[i].End)

@@ -21,8 +21,14 @@ func (s pageSet) ranges() Ranges {
 func randomSet(r *rand.Rand) (pageSet, Ranges) {
 	s := pageSet{}
 	var rs []Range
-	for i := r.Intn(6); i > 0; i-- {
-		start := uint64(r.Intn(40))
+	// Mostly a few ranges; sometimes many, for the skipping in Intersect
+	// and Subtract.
+	count, space := 6, 40
+	if r.Intn(3) == 0 {
+		count, space = 30, 160
+	}
+	for i := r.Intn(count); i > 0; i-- {
+		start := uint64(r.Intn(space))
 		n := uint64(r.Intn(6) + 1)
 		rs = append(rs, Range{start * PageSize, (start + n) * PageSize})
 		for p := start; p < start+n; p++ {
@@ -75,7 +81,7 @@ func TestRangesModel(t *testing.T) {
 				t.Fatalf("%s: %d pages, want %d", name, c.got.Pages(), len(c.want))
 			}
 		}
-		for p := uint64(0); p < 50; p++ {
+		for p := uint64(0); p < 170; p++ {
 			if a.Contains(p*PageSize+7) != sa[p] {
 				t.Fatalf("%v.Contains(page %d) = %v", a, p, !sa[p])
 			}

@@ -75,9 +75,14 @@ func clearRefs(pid int) error {
 	return nil
 }
 
-func (t *softDirtyTracker) Round(ctx context.Context) (*Delta, error) { return t.RoundIn(ctx, nil) }
+func (t *softDirtyTracker) Round(ctx context.Context) (*Delta, error) { return t.round(ctx, nil, true) }
 
-func (t *softDirtyTracker) RoundIn(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
+func (t *softDirtyTracker) FinalRound(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
+	return t.round(ctx, maps, false)
+}
+
+// round reads the soft-dirty bits; with rearm, it clears them.
+func (t *softDirtyTracker) round(ctx context.Context, maps []proc.Mapping, rearm bool) (*Delta, error) {
 	start := time.Now()
 	if t.pm == nil {
 		return nil, fmt.Errorf("tracking round of %d: tracker closed", t.pid)
@@ -99,6 +104,9 @@ func (t *softDirtyTracker) RoundIn(ctx context.Context, maps []proc.Mapping) (*D
 			if err != nil {
 				return err
 			}
+		}
+		if !rearm {
+			return nil
 		}
 		return clearRefs(t.pid)
 	})

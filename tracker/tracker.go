@@ -60,12 +60,16 @@ type Tracker interface {
 	// more pages than were written, never fewer; see the package
 	// documentation for what each backend reports.
 	Round(ctx context.Context) (*Delta, error)
-	// RoundIn is Round over maps, the mappings of the stopped process as
-	// the caller read them, instead of those /proc/PID/maps shows by the
-	// time the round looks: memory the caller maps into the process
-	// meanwhile (to inject system calls) stays out of the round. nil maps
-	// is Round.
-	RoundIn(ctx context.Context, maps []proc.Mapping) (*Delta, error)
+	// FinalRound is the last round, of a stopped process whose tracking
+	// ends after it (or who dies). It covers maps, the mappings as the
+	// caller read them, instead of those /proc/PID/maps shows by the time
+	// the round looks: memory the caller maps into the process meanwhile
+	// (to inject system calls) stays out of the round; nil maps is
+	// /proc/PID/maps. It does not re-arm tracking for what it reports
+	// (write-protecting pages again, clearing soft-dirty bits: page-table
+	// work inside the downtime), so a round after it reports those pages
+	// again.
+	FinalRound(ctx context.Context, maps []proc.Mapping) (*Delta, error)
 	// Saved tells the tracker which bytes were recorded for the pages at
 	// addr after a round. The hash backend keeps their digests (so that
 	// the next round compares with what was recorded); the others ignore

@@ -399,10 +399,12 @@ func TestSoftDirtyAbsent(t *testing.T) {
 	}
 }
 
-// TestRoundIn: a round over mappings read earlier leaves out a mapping
-// made since (as an injection scratch is), and still reports the writes
-// to the others; a plain round afterwards finds the new mapping.
-func TestRoundIn(t *testing.T) {
+// TestFinalRound: a final round over mappings read earlier leaves out a
+// mapping made since (as an injection scratch is), and still reports the
+// writes to the others; it leaves what it reported unarmed (except the
+// hash backend, which arms nothing), so a plain round afterwards reports
+// those pages again, and finds the new mapping.
+func TestFinalRound(t *testing.T) {
 	backends(t, func(t *testing.T, backend string) {
 		w := startWorkload(t)
 		w.mapRegion(t, "a", 8)
@@ -420,7 +422,7 @@ func TestRoundIn(t *testing.T) {
 		w.mapRegion(t, "b", 4)
 		w.do(t, "write b 0 4 1")
 		w.do(t, "write a 3 1 2")
-		d, err := tr.RoundIn(context.Background(), maps)
+		d, err := tr.FinalRound(context.Background(), maps)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -430,10 +432,41 @@ func TestRoundIn(t *testing.T) {
 		if got := tracker.Intersect(d.Dirty, w.span("b")); len(got) != 0 {
 			t.Errorf("the mapping made after the maps were read is reported written: %v", got)
 		}
-		expect(t, w, d, "a", "round over earlier maps", w.pageSet("a", 3))
+		expect(t, w, d, "a", "final round over earlier maps", w.pageSet("a", 3))
 		d = round(t, tr)
 		if got := tracker.Intersect(d.Dirty, w.span("b")); !equal(got, w.span("b")) {
 			t.Errorf("the next plain round reports %s of the new mapping written, want all of it", w.pageNumbers("b", got))
 		}
+		again := w.pageSet("a", 3)
+		if backend == tracker.Hash {
+			again = w.pageSet("a")
+		}
+		expect(t, w, d, "a", "plain round after the final one", again)
 	})
+}
+
+// TestPresentWithin asks of scattered pages, some close together (walked
+// as one) and some far apart: the answer is exactly the present pages
+// among those asked, none from the gaps walked over.
+func TestPresentWithin(t *testing.T) {
+	w := startWorkload(t)
+	w.mapRegion(t, "a", 1200)
+	for _, p := range []uint64{0, 2, 3, 7, 8, 9, 10, 40, 300, 301, 900, 1199} {
+		w.do(t, "write a %d 1 1", p)
+	}
+	pm, err := tracker.OpenPagemap(w.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pm.Close()
+	within := tracker.Union(w.pageSet("a", 1, 2, 3, 4, 9, 40, 41, 301, 1199), tracker.Ranges{{
+		Start: w.addr["a"] + 890*tracker.PageSize, End: w.addr["a"] + 895*tracker.PageSize}})
+	got, err := pm.PresentWithin(tracker.Area{Range: w.span("a")[0], Readable: true}, within)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := w.pageSet("a", 2, 3, 9, 40, 301, 1199)
+	if !equal(got, want) {
+		t.Fatalf("present within the pages asked: %s, want %s", w.pageNumbers("a", got), w.pageNumbers("a", want))
+	}
 }

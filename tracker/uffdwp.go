@@ -261,16 +261,19 @@ func (t *uffdTracker) byRegistration(areas []Area, inv uint64) (Ranges, error) {
 	return out, nil
 }
 
-// scanWritten returns the written pages of r and write-protects them
-// again. PM_SCAN_CHECK_WPASYNC makes the kernel refuse a mapping that is
+// scanWritten returns the written pages of r and, with rearm,
+// write-protects them again. PM_SCAN_CHECK_WPASYNC makes the kernel refuse a mapping that is
 // not registered (the process replaced one since the round began): what
 // was reported before the refusal is kept, the rest of r is scanned
 // without the check, and the unregistered pages are returned as new.
-func (t *uffdTracker) scanWritten(r Range) (written, fresh Ranges, err error) {
+func (t *uffdTracker) scanWritten(r Range, rearm bool) (written, fresh Ranges, err error) {
 	arg := sys.PmScanArg{
-		Flags:        sys.PM_SCAN_WP_MATCHING | sys.PM_SCAN_CHECK_WPASYNC,
+		Flags:        sys.PM_SCAN_CHECK_WPASYNC,
 		CategoryMask: sys.PAGE_IS_WRITTEN,
 		ReturnMask:   sys.PAGE_IS_WRITTEN,
+	}
+	if rearm {
+		arg.Flags |= sys.PM_SCAN_WP_MATCHING
 	}
 	regs, err := t.pm.Scan(r.Start, r.End, arg, nil)
 	if errors.Is(err, sys.EPERM) {
@@ -289,9 +292,15 @@ func (t *uffdTracker) scanWritten(r Range) (written, fresh Ranges, err error) {
 	return Normalize(written), fresh, nil
 }
 
-func (t *uffdTracker) Round(ctx context.Context) (*Delta, error) { return t.RoundIn(ctx, nil) }
+func (t *uffdTracker) Round(ctx context.Context) (*Delta, error) { return t.round(ctx, nil, true) }
 
-func (t *uffdTracker) RoundIn(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
+func (t *uffdTracker) FinalRound(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
+	return t.round(ctx, maps, false)
+}
+
+// round scans for the written pages; with rearm, it write-protects them
+// again and registers the mappings not registered yet.
+func (t *uffdTracker) round(ctx context.Context, maps []proc.Mapping, rearm bool) (*Delta, error) {
 	start := time.Now()
 	if t.uffd < 0 || t.pm == nil {
 		return nil, fmt.Errorf("tracking round of %d: tracker closed", t.pid)
@@ -317,28 +326,31 @@ func (t *uffdTracker) RoundIn(ctx context.Context, maps []proc.Mapping) (*Delta,
 	if err != nil {
 		return nil, fmt.Errorf("tracking round of %d: %w", t.pid, t.gone(err))
 	}
-	t.arm(areas, fresh)
-	dirty = Union(dirty, fresh)
+	if rearm {
+		t.arm(areas, fresh)
+	}
+	// Gathered, then made a set once: thousands of scattered pages, merged
+	// into the set mapping by mapping, cost milliseconds.
+	found := append([]Range(nil), Union(dirty, fresh)...)
 	for _, r := range AreaRanges(priv) {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		written, late, err := t.scanWritten(r)
+		written, late, err := t.scanWritten(r, rearm)
 		if err != nil {
 			return nil, fmt.Errorf("tracking round of %d: %w", t.pid, t.gone(err))
 		}
-		if len(late) > 0 {
+		if len(late) > 0 && rearm {
 			t.arm(areas, late)
-			dirty = Union(dirty, late)
 		}
-		dirty = Union(dirty, written)
+		found = append(append(found, late...), written...)
 	}
 	for _, a := range areas {
 		if a.Untracked {
-			dirty = Union(dirty, Ranges{a.Range})
+			found = append(found, a.Range)
 		}
 	}
-	d.Dirty = Intersect(dirty, AreaRanges(areas))
+	d.Dirty = Intersect(Normalize(found), AreaRanges(areas))
 	if _, err := startTime(t.pid); err != nil {
 		return nil, fmt.Errorf("tracking round of %d: %w", t.pid, err)
 	}
