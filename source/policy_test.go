@@ -9,7 +9,7 @@ import (
 const mib = 1 << 20
 
 func TestPolicyDecide(t *testing.T) {
-	base := DefaultPolicy() // 25 ms budget, 5 ms fixed, 30 rounds, 3 stalled
+	base := DefaultPolicy() // 25 ms budget, 15 ms fixed, 30 rounds, 3 stalled
 	abort := base
 	abort.OnNoConverge = NoConvergeAbort
 	gbps := 1e9
@@ -22,9 +22,9 @@ func TestPolicyDecide(t *testing.T) {
 	}{
 		{"nothing yet", base, nil, Continue, "no round"},
 		{"idle process", base, []Round{{DirtyBytes: 0, Bandwidth: gbps}}, Freeze, "fits"},
-		// 20 MB at 1 GB/s = 20 ms + 5 ms fixed = 25 ms: exactly the budget.
-		{"exactly the budget", base, []Round{{DirtyBytes: 20e6, Bandwidth: gbps}}, Freeze, "fits"},
-		{"just over", base, []Round{{DirtyBytes: 20e6 + 4096, Bandwidth: gbps}}, Continue, "exceeds"},
+		// 10 MB at 1 GB/s = 10 ms + 15 ms fixed = 25 ms: exactly the budget.
+		{"exactly the budget", base, []Round{{DirtyBytes: 10e6, Bandwidth: gbps}}, Freeze, "fits"},
+		{"just over", base, []Round{{DirtyBytes: 10e6 + 4096, Bandwidth: gbps}}, Continue, "exceeds"},
 		{"first round of a big process", base, []Round{{DirtyBytes: 1024 * mib, Bandwidth: gbps}}, Continue, "exceeds"},
 		{"shrinking", base, []Round{
 			{DirtyBytes: 1024 * mib, Bandwidth: gbps}, {DirtyBytes: 64 * mib, Bandwidth: gbps},
