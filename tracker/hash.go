@@ -104,10 +104,17 @@ func (t *hashTracker) old(addr uint64) uint64 {
 	return 0
 }
 
-func (t *hashTracker) Round(ctx context.Context) (*Delta, error) { return t.FinalRound(ctx, nil) }
+func (t *hashTracker) Round(ctx context.Context) (*Delta, error) { return t.round(ctx, nil) }
 
-// FinalRound is Round over maps: comparing digests arms nothing.
+// FinalRound is a round over maps: comparing digests arms nothing, so
+// there is nothing to leave out.
 func (t *hashTracker) FinalRound(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
+	return t.round(ctx, maps)
+}
+
+// round compares the digests of the pages of maps (nil: /proc/PID/maps)
+// with those of the previous round.
+func (t *hashTracker) round(ctx context.Context, maps []proc.Mapping) (*Delta, error) {
 	start := time.Now()
 	if t.pm == nil {
 		return nil, fmt.Errorf("tracking round of %d: tracker closed", t.pid)

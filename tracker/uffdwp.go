@@ -262,10 +262,11 @@ func (t *uffdTracker) byRegistration(areas []Area, inv uint64) (Ranges, error) {
 }
 
 // scanWritten returns the written pages of r and, with rearm,
-// write-protects them again. PM_SCAN_CHECK_WPASYNC makes the kernel refuse a mapping that is
-// not registered (the process replaced one since the round began): what
-// was reported before the refusal is kept, the rest of r is scanned
-// without the check, and the unregistered pages are returned as new.
+// write-protects them again. PM_SCAN_CHECK_WPASYNC makes the kernel
+// refuse a mapping that is not registered (the process replaced one since
+// the round began): what was reported before the refusal is kept, the
+// rest of r is scanned without the check, and the unregistered pages are
+// returned as new.
 func (t *uffdTracker) scanWritten(r Range, rearm bool) (written, fresh Ranges, err error) {
 	arg := sys.PmScanArg{
 		Flags:        sys.PM_SCAN_CHECK_WPASYNC,
@@ -311,14 +312,11 @@ func (t *uffdTracker) round(ctx context.Context, maps []proc.Mapping, rearm bool
 	}
 	d := t.newDelta(time.Now(), areas)
 	priv := private(areas)
-	var dirty Ranges
 	for i := range areas {
 		if areas[i].Shared {
-			areas[i].Untracked = true
-			dirty.Add(areas[i].Start, areas[i].End)
+			areas[i].Untracked = true // counted written whole, below
 		}
 	}
-	dirty = Normalize(dirty)
 	// Mappings not registered: new since the previous round, moved by
 	// mremap (which drops the registration), or refused before. Register
 	// them now; what they hold counts as written.
@@ -331,7 +329,7 @@ func (t *uffdTracker) round(ctx context.Context, maps []proc.Mapping, rearm bool
 	}
 	// Gathered, then made a set once: thousands of scattered pages, merged
 	// into the set mapping by mapping, cost milliseconds.
-	found := append([]Range(nil), Union(dirty, fresh)...)
+	found := append([]Range(nil), fresh...)
 	for _, r := range AreaRanges(priv) {
 		if err := ctx.Err(); err != nil {
 			return nil, err
