@@ -16,9 +16,13 @@
 // hook (SetBatchHook), to write pages into a shadow process before the
 // freeze.
 //
-// Service implements the Pages gRPC service on top: it decodes and checks
-// each batch with pagestream.Decoder and applies it to the store of the
-// migration the stream names, acknowledging every batch with totals. A
+// Service implements the Pages gRPC service on top: it checks each batch
+// with pagestream.Decoder and applies it to the store of the migration the
+// stream names, acknowledging every batch with totals, in order. Workers
+// decompress and write several batches at once (writing fresh memory into
+// a shadow process is the target's largest cost); batches are recorded in
+// the store in stream order, and a batch waits for the earlier ones still
+// being written whose address spans overlap it. A
 // gRPC server built with GRPCServerOptions receives batch payloads without
 // copying them out of gRPC's buffers.
 package pageserver

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"runtime"
 	"slices"
+	"sync"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -31,6 +33,9 @@ type ServiceConfig struct {
 	Limits pagestream.Limits
 	// Logger for stream events (default: slog.Default()).
 	Logger *slog.Logger
+	// Workers is how many batches of a stream are decompressed and
+	// written at once (default: the CPUs Go uses, between 2 and 4).
+	Workers int
 }
 
 // Service implements the Pages gRPC service: each stream's batches are
@@ -57,6 +62,12 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	if cfg.Workers == 0 {
+		cfg.Workers = min(max(runtime.GOMAXPROCS(0), 2), 4)
+	}
+	if cfg.Workers < 1 {
+		return nil, fmt.Errorf("page service: %d workers", cfg.Workers)
 	}
 	return &Service{cfg: cfg}, nil
 }
@@ -103,45 +114,60 @@ func (s *Service) Stream(stream migrationpb.Pages_StreamServer) error {
 }
 
 // serve applies the batches of an open stream until it ends. A goroutine
-// receives and decodes them (decompression, checksum) while this one
-// applies them in order and acknowledges each: decoding the next batch
-// overlaps writing this one where it goes (a shadow process, for a
-// migration target).
+// receives them and checks them in order (Decoder.Accept). Workers
+// decompress them and write them where they go (into a shadow process,
+// for a migration target) several at a time, and record them in the
+// store in stream order. This goroutine acknowledges them in order.
 func (s *Service) serve(stream migrationpb.Pages_StreamServer, dec *pagestream.Decoder, store *Store, ack *migrationpb.PageAck, log *slog.Logger) error {
 	if err := stream.Send(ack); err != nil {
 		return err
 	}
-	decoded := make(chan decodedBatch, decodeAhead)
+	workers := s.cfg.Workers
+	items := make(chan *item, 2*workers) // every batch not yet acknowledged, in order
+	work := make(chan *item)
 	stop := make(chan struct{})
+	p := &pipeline{store: store, writing: map[*item]struct{}{}}
 	defer func() {
 		close(stop)
+		// No batch is written into its process after the stream's end:
+		// the target may discard that process next.
+		p.stop()
 		go func() { // the receiver ends with the stream, after this returns
-			for d := range decoded {
-				d.release()
+			for it := range items {
+				<-it.done
+				it.release()
 			}
 		}()
 	}()
-	go s.receive(stream, dec, decoded, stop)
-	for d := range decoded {
+	go s.receive(stream, dec, items, work, stop)
+	for range workers {
+		go p.work(work)
+	}
+	for it := range items {
+		<-it.done
 		switch {
-		case d.eof:
+		case it.eof:
 			ack.Final = true
 			log.Debug("page stream done", "batches", ack.Batches, "pages", ack.PagesData, "zero", ack.PagesZero,
 				"gone", ack.PagesGone, "raw", ack.BytesRaw, "wire", ack.BytesWire)
 			return stream.Send(ack)
-		case d.err != nil:
-			d.release()
-			if d.refused {
-				log.Warn("page batch refused", "err", d.err)
+		case it.err != nil:
+			it.release()
+			if it.refused {
+				log.Warn("page batch refused", "err", it.err)
 			}
-			return d.err
+			return it.err
 		}
-		err := s.apply(store, d.b, ack)
-		d.release()
-		if err != nil {
-			log.Warn("page batch refused", "err", err)
-			return err
-		}
+		b := it.b
+		ack.Seq = b.Seq
+		ack.Batches++
+		ack.PagesData += b.DataPages()
+		ack.PagesZero += b.ZeroPages()
+		ack.PagesGone += b.GonePages()
+		ack.BytesRaw += b.DataPages() * uint64(b.PageSize())
+		ack.BytesWire += uint64(b.WireBytes)
+		store.Applied(b.Seq)
+		it.release()
 		if err := stream.Send(ack); err != nil {
 			return err
 		}
@@ -149,89 +175,220 @@ func (s *Service) serve(stream migrationpb.Pages_StreamServer, dec *pagestream.D
 	return nil
 }
 
-// decodeAhead is how many decoded batches may wait for their turn to be
-// applied.
-const decodeAhead = 2
-
-// decodedBatch is what the receiving goroutine hands on: a batch, the end
-// of the stream, or why it broke.
-type decodedBatch struct {
-	b       *pagestream.Batch
-	eof     bool
-	err     error
-	refused bool // err is the batch's, not the stream's
+// item is one message of a stream on its way through serve: a batch, the
+// end of the stream, or why the stream broke.
+type item struct {
+	b   *pagestream.Batch
+	eof bool
+	err error
+	// refused says err is the batch's (it was refused), not the stream's.
+	refused bool
 	// wire is the message b came in: an uncompressed batch's pages are
 	// used where they are, in its buffer, freed only with the batch.
 	wire *migrationpb.PageStreamRequest
+
+	prev *item // the batch before in the stream, nil for the first
+	// recorded is closed once the batch is recorded in the store, or
+	// failed (err) or was skipped (failed) before.
+	recorded chan struct{}
+	failed   bool // this batch or one before it failed
+	// done is closed when the item is finished: written, or failed.
+	done chan struct{}
 }
 
-func (d decodedBatch) release() {
-	if d.b != nil {
-		d.b.Release()
+func newItem(prev *item) *item {
+	return &item{prev: prev, recorded: make(chan struct{}), done: make(chan struct{})}
+}
+
+// finish ends an item that goes to no worker.
+func (it *item) finish() {
+	it.failed = it.failed || it.err != nil || it.eof
+	close(it.recorded)
+	close(it.done)
+}
+
+func (it *item) release() {
+	if it.b != nil {
+		it.b.Release()
 	}
-	if d.wire != nil {
-		releaseWire(d.wire)
+	if it.wire != nil {
+		releaseWire(it.wire)
 	}
 }
 
-// receive reads and decodes the stream's messages into out until the
-// stream ends or breaks (the last item says which), or stop is closed.
-func (s *Service) receive(stream migrationpb.Pages_StreamServer, dec *pagestream.Decoder, out chan<- decodedBatch, stop <-chan struct{}) {
-	defer close(out)
+// span returns the batch's address range, from its first run to the end
+// of its last.
+func (it *item) span() (start, end uint64) {
+	runs := it.b.Runs
+	last := runs[len(runs)-1]
+	return runs[0].Addr, last.Addr + last.Pages*uint64(it.b.PageSize())
+}
+
+// overlaps reports whether the batches of it and o may touch a same page.
+func (it *item) overlaps(o *item) bool {
+	if it.b.Pid != o.b.Pid {
+		return false
+	}
+	s1, e1 := it.span()
+	s2, e2 := o.span()
+	return s1 < e2 && s2 < e1
+}
+
+// errSkipped fails a batch after one before it failed; serve reports that
+// one, and never this error.
+var errSkipped = errors.New("page stream: batch skipped after an earlier failure")
+
+// pipeline is the workers' shared state: the store, and the batches being
+// written.
+type pipeline struct {
+	store   *Store
+	mu      sync.Mutex
+	writing map[*item]struct{}
+	stopped bool // no batch starts writing
+}
+
+// stop waits for the batches being written and keeps others from
+// starting.
+func (p *pipeline) stop() {
+	p.mu.Lock()
+	p.stopped = true
+	var wait []*item
+	for it := range p.writing {
+		wait = append(wait, it)
+	}
+	p.mu.Unlock()
+	for _, it := range wait {
+		<-it.done
+	}
+}
+
+// work decompresses, records and writes the batches it is handed, which
+// come in stream order.
+func (p *pipeline) work(in <-chan *item) {
+	for it := range in {
+		it.err = p.process(it)
+		close(it.done)
+	}
+}
+
+// process takes one batch through: decompressing, then recording once
+// the batch before is recorded, then writing once the earlier batches
+// still being written whose spans overlap are written (the latest round
+// wins wherever a page is written twice).
+func (p *pipeline) process(it *item) error {
+	err := it.b.Inflate()
+	if err != nil {
+		err = status.Errorf(batchCode(err), "page stream: %v", err)
+		it.refused = true
+	}
+	if it.prev != nil {
+		<-it.prev.recorded
+		if it.prev.failed {
+			err, it.refused = errSkipped, false
+		}
+	}
+	write, wait, err := p.record(it, err)
+	it.failed = err != nil
+	close(it.recorded)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		p.mu.Lock()
+		delete(p.writing, it)
+		p.mu.Unlock()
+	}()
+	for _, o := range wait {
+		<-o.done
+	}
+	if err := write(); err != nil {
+		it.refused = true
+		return status.Errorf(storeCode(err), "page stream: %v", err)
+	}
+	return nil
+}
+
+// record records it in the store unless err (its failure so far) is set
+// and returns its write and the batches being written that it must wait
+// for.
+func (p *pipeline) record(it *item, err error) (write func() error, wait []*item, _ error) {
+	if err != nil {
+		return nil, nil, err
+	}
+	if err = fault.Point(fault.TargetBatch); err == nil { // test-only; nil unless armed
+		write, err = p.store.Record(it.b)
+	}
+	if err != nil {
+		it.refused = true
+		return nil, nil, status.Errorf(storeCode(err), "page stream: %v", err)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stopped {
+		it.refused = false
+		return nil, nil, errSkipped
+	}
+	for o := range p.writing {
+		if it.overlaps(o) {
+			wait = append(wait, o)
+		}
+	}
+	p.writing[it] = struct{}{}
+	return write, wait, nil
+}
+
+// receive reads the stream's messages and checks them in order. Each goes
+// to items, in order, and the batches also to work, until the stream ends
+// or breaks (the last item says which), or stop is closed.
+func (s *Service) receive(stream migrationpb.Pages_StreamServer, dec *pagestream.Decoder, items, work chan<- *item, stop <-chan struct{}) {
+	defer close(items)
+	defer close(work)
+	var prev *item
 	for {
-		var d decodedBatch
+		it := newItem(prev)
 		m, err := stream.Recv()
 		switch {
 		case errors.Is(err, io.EOF):
-			d.eof = true
+			it.eof = true
 		case err != nil:
-			d.err = err
+			it.err = err
 		default:
-			d.b, d.err = decode(dec, m)
-			d.refused, d.wire = d.err != nil, m
+			it.wire = m
+			it.b, it.err = accept(dec, m)
+			it.refused = it.err != nil
 		}
 		select {
-		case out <- d:
+		case items <- it:
 		case <-stop:
-			d.release()
+			it.release()
 			return
 		}
-		if d.eof || d.err != nil {
+		if it.eof || it.err != nil {
+			it.finish()
 			return
 		}
+		select {
+		case work <- it:
+		case <-stop:
+			it.err = errSkipped
+			it.finish()
+			return
+		}
+		prev = it
 	}
 }
 
-// decode checks and decodes one message of a stream.
-func decode(dec *pagestream.Decoder, m *migrationpb.PageStreamRequest) (*pagestream.Batch, error) {
+// accept checks one message of a stream.
+func accept(dec *pagestream.Decoder, m *migrationpb.PageStreamRequest) (*pagestream.Batch, error) {
 	pb := m.GetBatch()
 	if pb == nil {
 		return nil, status.Error(codes.InvalidArgument, "page stream: a second open message")
 	}
-	b, err := dec.Decode(pb)
+	b, err := dec.Accept(pb)
 	if err != nil {
 		return nil, status.Errorf(batchCode(err), "page stream: %v", err)
 	}
 	return b, nil
-}
-
-// apply applies one decoded batch, adding it to the totals of ack.
-func (s *Service) apply(store *Store, b *pagestream.Batch, ack *migrationpb.PageAck) error {
-	err := fault.Point(fault.TargetBatch) // test-only; nil unless armed
-	if err == nil {
-		err = store.Apply(b)
-	}
-	ack.Seq = b.Seq
-	ack.Batches++
-	ack.PagesData += b.DataPages()
-	ack.PagesZero += b.ZeroPages()
-	ack.PagesGone += b.GonePages()
-	ack.BytesRaw += uint64(len(b.Data))
-	ack.BytesWire += uint64(b.WireBytes)
-	if err != nil {
-		return status.Errorf(storeCode(err), "page stream: %v", err)
-	}
-	return nil
 }
 
 // batchCode maps a decoder error to a gRPC code.

@@ -25,15 +25,19 @@ import (
 // store is s, accepting codecs (all if none given).
 func serve(t *testing.T, s *pageserver.Store, codecs ...pagestream.Codec) migrationpb.PagesClient {
 	t.Helper()
-	svc, err := pageserver.NewService(pageserver.ServiceConfig{
-		Lookup: func(id string) (*pageserver.Store, error) {
-			if id == "m" {
-				return s, nil
-			}
-			return nil, pageserver.ErrUnknownMigration
-		},
-		Codecs: codecs,
-	})
+	return serveWith(t, s, pageserver.ServiceConfig{Codecs: codecs})
+}
+
+// serveWith is serve with a configuration (its Lookup is set here).
+func serveWith(t *testing.T, s *pageserver.Store, cfg pageserver.ServiceConfig) migrationpb.PagesClient {
+	t.Helper()
+	cfg.Lookup = func(id string) (*pageserver.Store, error) {
+		if id == "m" {
+			return s, nil
+		}
+		return nil, pageserver.ErrUnknownMigration
+	}
+	svc, err := pageserver.NewService(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -247,4 +251,117 @@ func TestServiceUncompressedBatchesKeepTheirBuffers(t *testing.T) {
 		t.Fatalf("%d acks, want %d", n, batches+2)
 	}
 	m.check(t, s, 9)
+}
+
+// hookLog records when the batch hook's calls start and end.
+type hookLog struct {
+	mu           sync.Mutex
+	start, end   map[uint64]time.Time
+	calls, inCnt int
+	most         int // most calls at once
+}
+
+func newHookLog() *hookLog {
+	return &hookLog{start: map[uint64]time.Time{}, end: map[uint64]time.Time{}}
+}
+
+// hook returns a batch hook that sleeps for slow[seq] and fails batch
+// fail (0: none).
+func (h *hookLog) hook(slow map[uint64]time.Duration, fail uint64) func(*pagestream.Batch) error {
+	return func(b *pagestream.Batch) error {
+		h.mu.Lock()
+		h.start[b.Seq] = time.Now()
+		h.calls++
+		h.inCnt++
+		h.most = max(h.most, h.inCnt)
+		h.mu.Unlock()
+		time.Sleep(slow[b.Seq])
+		h.mu.Lock()
+		h.end[b.Seq] = time.Now()
+		h.inCnt--
+		h.mu.Unlock()
+		if b.Seq == fail {
+			return errors.New("shadow refused the pages")
+		}
+		return nil
+	}
+}
+
+// TestServiceWritesInParallel: batches that touch different pages are
+// written at once; a batch of a later round touching the same pages is
+// written only after the earlier one, so the latest round wins; the
+// acknowledgements stay in order.
+func TestServiceWritesInParallel(t *testing.T) {
+	s := newStore(t, pageserver.Config{})
+	h := newHookLog()
+	s.SetBatchHook(h.hook(map[uint64]time.Duration{1: 300 * time.Millisecond}, 0))
+	client := serveWith(t, s, pageserver.ServiceConfig{Workers: 3})
+	c := pagestream.CodecS2
+	a := []pagestream.Run{{Addr: 0x10000, Pages: 8}}
+	b := []pagestream.Run{{Addr: 0x40000, Pages: 8}}
+	// Round 1 rewrites two pages inside a's span.
+	a2 := []pagestream.Run{{Addr: 0x12000, Pages: 2}}
+	acks, err := exchange(t, client, openMsg("m", c),
+		batchMsg(wire(t, c, 1, 0, a, fill(1, 8))),
+		batchMsg(wire(t, c, 2, 0, b, fill(2, 8))),
+		batchMsg(wire(t, c, 3, 1, a2, fill(3, 2))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []uint64{0, 1, 2, 3, 3} {
+		if i >= len(acks) || acks[i].GetSeq() != want {
+			t.Fatalf("acks %v, want sequence numbers 0 1 2 3 then the final one", acks)
+		}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.start[2].Before(h.end[1]) {
+		t.Errorf("batch 2 (other pages) was written after batch 1 ended: not in parallel")
+	}
+	if h.start[3].Before(h.end[1]) {
+		t.Errorf("batch 3 (round 1, pages of batch 1) was written before batch 1 ended")
+	}
+	m := model{}
+	m.apply(a, fill(1, 8))
+	m.apply(b, fill(2, 8))
+	m.apply(a2, fill(3, 2))
+	m.check(t, s, 9)
+}
+
+// TestServiceWriteFails: a batch whose write fails ends the stream with
+// its error; nothing after it is acknowledged, and no write runs once
+// the stream has ended.
+func TestServiceWriteFails(t *testing.T) {
+	s := newStore(t, pageserver.Config{})
+	h := newHookLog()
+	s.SetBatchHook(h.hook(map[uint64]time.Duration{2: 100 * time.Millisecond, 3: 200 * time.Millisecond}, 2))
+	client := serveWith(t, s, pageserver.ServiceConfig{Workers: 3})
+	c := pagestream.CodecS2
+	var msgs []*migrationpb.PageStreamRequest
+	msgs = append(msgs, openMsg("m", c))
+	for seq := uint64(1); seq <= 6; seq++ {
+		runs := []pagestream.Run{{Addr: seq << 20, Pages: 4}}
+		msgs = append(msgs, batchMsg(wire(t, c, seq, 0, runs, fill(byte(seq), 4))))
+	}
+	acks, err := exchange(t, client, msgs...)
+	if err == nil || !strings.Contains(err.Error(), "batch 2 of 9") || !strings.Contains(err.Error(), "shadow refused") {
+		t.Fatalf("stream error %v, want batch 2's", err)
+	}
+	for _, a := range acks {
+		if a.GetSeq() > 1 {
+			t.Errorf("batch %d acknowledged after batch 2 failed", a.GetSeq())
+		}
+	}
+	h.mu.Lock()
+	calls, running := h.calls, h.inCnt
+	h.mu.Unlock()
+	if running != 0 {
+		t.Errorf("%d writes still running after the stream ended", running)
+	}
+	time.Sleep(50 * time.Millisecond)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.calls != calls {
+		t.Errorf("%d writes started after the stream ended", h.calls-calls)
+	}
 }

@@ -196,11 +196,14 @@ func NewStore(cfg Config) (*Store, error) {
 	}, nil
 }
 
-// SetBatchHook installs h, called for every batch after the store applied
-// it, in the order batches of a process are applied, with the process's
-// pages locked (h must not call the store for the same process). The
-// batch's data is valid only during the call. An error from h is returned
-// by Apply; the batch stays applied. nil removes the hook.
+// SetBatchHook installs h, called for every batch after the store
+// recorded it, with the batch's pages: Apply calls it before returning,
+// and a caller of Record makes the call Record returns. Calls for batches
+// of one process whose address spans overlap come in the order the
+// batches were recorded; others may come concurrently (Service writes
+// several batches at once). The batch's data is valid only during the
+// call. An error from h fails the batch, which stays recorded. nil
+// removes the hook.
 func (s *Store) SetBatchHook(h func(*pagestream.Batch) error) {
 	s.mu.Lock()
 	s.hook = h
@@ -237,39 +240,64 @@ func (s *Store) procFor(pid int32, create bool) (*proc, func(*pagestream.Batch) 
 // their addresses, zero pages become holes. A batch of a round older than
 // the last one applied for its process is refused (ErrStaleRound). When the
 // budget refuses memory the batch goes to the spill file, or is refused as
-// a whole (ErrNoSpace) and nothing changes. Apply does not release b.
+// a whole (ErrNoSpace) and nothing changes. Apply does not release b. It
+// is Record, the batch hook's call and Applied.
 func (s *Store) Apply(b *pagestream.Batch) error {
+	write, err := s.Record(b)
+	if err != nil {
+		return err
+	}
+	if err := write(); err != nil {
+		return err
+	}
+	s.Applied(b.Seq)
+	return nil
+}
+
+// Record is Apply without the batch hook: it stores what b says of each
+// page and returns the hook's call for b, which the caller makes (on any
+// goroutine, see SetBatchHook) before it reports the batch with Applied.
+// Batches are recorded one at a time, in stream order.
+func (s *Store) Record(b *pagestream.Batch) (write func() error, err error) {
 	if b.PageSize() != s.ps {
-		return fmt.Errorf("apply batch %d: page size %d, the store's is %d", b.Seq, b.PageSize(), s.ps)
+		return nil, fmt.Errorf("apply batch %d: page size %d, the store's is %d", b.Seq, b.PageSize(), s.ps)
 	}
 	p, hook, err := s.procFor(b.Pid, true)
 	if err != nil {
-		return fmt.Errorf("apply batch %d of %d: %w", b.Seq, b.Pid, err)
+		return nil, fmt.Errorf("apply batch %d of %d: %w", b.Seq, b.Pid, err)
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		return fmt.Errorf("apply batch %d of %d: %w", b.Seq, b.Pid, ErrClosed)
+		return nil, fmt.Errorf("apply batch %d of %d: %w", b.Seq, b.Pid, ErrClosed)
 	}
 	if p.started && b.Round < p.round {
-		return fmt.Errorf("apply batch %d of %d: %w: round %d after round %d", b.Seq, b.Pid, ErrStaleRound, b.Round, p.round)
+		return nil, fmt.Errorf("apply batch %d of %d: %w: round %d after round %d", b.Seq, b.Pid, ErrStaleRound, b.Round, p.round)
 	}
 	pl, err := s.plan(p, b)
 	if err != nil {
-		return fmt.Errorf("apply batch %d of %d: %w", b.Seq, b.Pid, err)
+		return nil, fmt.Errorf("apply batch %d of %d: %w", b.Seq, b.Pid, err)
 	}
 	if err := s.apply(p, b, pl); err != nil {
-		return fmt.Errorf("apply batch %d of %d: %w", b.Seq, b.Pid, err)
+		return nil, fmt.Errorf("apply batch %d of %d: %w", b.Seq, b.Pid, err)
 	}
 	p.round, p.started = b.Round, true
 	s.batches.Add(1)
-	if hook != nil {
+	return func() error {
+		if hook == nil {
+			return nil
+		}
 		if err := hook(b); err != nil {
 			return fmt.Errorf("batch %d of %d: hook: %w", b.Seq, b.Pid, err)
 		}
-	}
-	s.progress(func() { s.seq = max(s.seq, b.Seq) })
-	return nil
+		return nil
+	}, nil
+}
+
+// Applied reports that the page stream's batches up to sequence number
+// seq are applied, their hook calls included (WaitApplied waits for this).
+func (s *Store) Applied(seq uint64) {
+	s.progress(func() { s.seq = max(s.seq, seq) })
 }
 
 // progress changes the stream's progress with fn and wakes WaitApplied.

@@ -124,15 +124,17 @@ type Batch struct {
 	Codec     Codec
 	WireBytes int
 
-	pageSize int
-	buf      *[]byte // pooled backing of Data
+	pageSize  int
+	dataPages uint64
+	payload   []byte  // still compressed: Data is to come (Inflate)
+	buf       *[]byte // pooled backing of Data
 }
 
 // PageSize is the page size the batch was decoded with.
 func (b *Batch) PageSize() int { return b.pageSize }
 
 // DataPages and ZeroPages count the batch's pages of each kind.
-func (b *Batch) DataPages() uint64 { return uint64(len(b.Data) / b.pageSize) }
+func (b *Batch) DataPages() uint64 { return b.dataPages }
 
 // ZeroPages counts the batch's zero pages.
 func (b *Batch) ZeroPages() uint64 { return b.count(Zero) }
@@ -175,5 +177,5 @@ func (b *Batch) Release() {
 		putBuffer(b.buf)
 		b.buf = nil
 	}
-	b.Data = nil
+	b.Data, b.payload = nil, nil
 }

@@ -98,19 +98,47 @@ func (d *Decoder) Next() uint64 { return d.next }
 // failed and matches one of ErrMalformed, ErrTooLarge, ErrCodec,
 // ErrSequence and ErrCorrupt. The caller releases the batch.
 func (d *Decoder) Decode(m *migrationpb.PageBatch) (*Batch, error) {
-	if m.GetSeq() != d.next {
-		return nil, fmt.Errorf("%w: batch %d, expected %d", ErrSequence, m.GetSeq(), d.next)
+	b, err := d.check(m)
+	if err == nil {
+		err = b.Inflate()
 	}
-	b, err := decode(m, d.codec, d.lim)
 	if err != nil {
-		return nil, fmt.Errorf("batch %d: %w", m.GetSeq(), err)
+		return nil, err
 	}
 	d.next++
 	return b, nil
 }
 
-// decode checks everything about m except its sequence number.
-func decode(m *migrationpb.PageBatch, streamCodec Codec, lim Limits) (*Batch, error) {
+// Accept is Decode without the decompression, for a receiver that
+// decompresses on other goroutines: it checks everything else about m
+// (the payload's checksum included) and takes its sequence number. The
+// batch it returns has no Data until Inflate succeeds; an Inflate that
+// fails leaves the stream broken, since the sequence has moved on. The
+// caller releases the batch.
+func (d *Decoder) Accept(m *migrationpb.PageBatch) (*Batch, error) {
+	b, err := d.check(m)
+	if err != nil {
+		return nil, err
+	}
+	d.next++
+	return b, nil
+}
+
+// check checks everything about m but the decompression.
+func (d *Decoder) check(m *migrationpb.PageBatch) (*Batch, error) {
+	if m.GetSeq() != d.next {
+		return nil, fmt.Errorf("%w: batch %d, expected %d", ErrSequence, m.GetSeq(), d.next)
+	}
+	b, err := check(m, d.codec, d.lim)
+	if err != nil {
+		return nil, fmt.Errorf("batch %d: %w", m.GetSeq(), err)
+	}
+	return b, nil
+}
+
+// check checks everything about m except its sequence number and the
+// decompression of its payload.
+func check(m *migrationpb.PageBatch, streamCodec Codec, lim Limits) (*Batch, error) {
 	if m.GetPid() <= 0 {
 		return nil, fmt.Errorf("%w: pid %d", ErrMalformed, m.GetPid())
 	}
@@ -146,6 +174,7 @@ func decode(m *migrationpb.PageBatch, streamCodec Codec, lim Limits) (*Batch, er
 		Codec:     codec,
 		WireBytes: len(payload),
 		pageSize:  lim.PageSize,
+		dataPages: dataPages,
 	}
 	if raw == 0 {
 		if len(payload) != 0 || m.GetCrc32C() != 0 {
@@ -162,20 +191,34 @@ func decode(m *migrationpb.PageBatch, streamCodec Codec, lim Limits) (*Batch, er
 	if sum := Checksum(payload); sum != m.GetCrc32C() {
 		return nil, fmt.Errorf("%w: checksum %#08x, the batch says %#08x", ErrCorrupt, sum, m.GetCrc32C())
 	}
-	var data []byte
-	if codec == CodecNone {
-		// Uncompressed pages are used where they are, in the message.
-		data = payload[:raw:raw]
-	} else {
-		b.buf = getBuffer(raw)
-		data, err = decompress(codec, (*b.buf)[:raw:raw], payload)
+	b.payload = payload
+	return b, nil
+}
+
+// Inflate decompresses the payload of a batch that Decoder.Accept
+// returned into Data; it does nothing for a batch that has its Data. It
+// may run on any goroutine, one call per batch at a time. An error
+// matches ErrCorrupt (or ErrCodec) and leaves the batch without Data.
+func (b *Batch) Inflate() error {
+	payload := b.payload
+	if payload == nil {
+		return nil
 	}
+	b.payload = nil
+	raw := int(b.dataPages) * b.pageSize
+	if b.Codec == CodecNone {
+		// Uncompressed pages are used where they are, in the message.
+		b.Data = payload[:raw:raw]
+		return nil
+	}
+	b.buf = getBuffer(raw)
+	data, err := decompress(b.Codec, (*b.buf)[:raw:raw], payload)
 	if err != nil {
 		b.Release()
-		return nil, err
+		return fmt.Errorf("batch %d: %w", b.Seq, err)
 	}
 	b.Data = data
-	return b, nil
+	return nil
 }
 
 // checkRuns converts and validates the runs: known kinds, page aligned,

@@ -244,6 +244,56 @@ func TestHostile(t *testing.T) {
 			if n := after.TotalAlloc - before.TotalAlloc; strings.Contains(c.name, "bomb") && n > 1<<20 {
 				t.Errorf("decoding allocated %d bytes", n)
 			}
+
+			// Accepting and inflating apart refuses the batch as
+			// Decode does, at one of the two steps.
+			d, _ = NewDecoder(c.stream, DefaultLimits())
+			b, err = d.Accept(m)
+			if err == nil {
+				if err = b.Inflate(); err == nil {
+					b.Release()
+					t.Fatal("Accept and Inflate accepted")
+				}
+				if b.Data != nil {
+					t.Error("a batch that failed to inflate has data")
+				}
+			}
+			if ErrorKind(err) != c.kind || !strings.Contains(err.Error(), c.text) {
+				t.Errorf("Accept+Inflate: error %q, want kind %v saying %q", err, c.kind, c.text)
+			}
+		})
+	}
+}
+
+// TestAcceptInflate: a batch accepted, then inflated, is the batch Decode
+// gives; Accept takes the sequence number.
+func TestAcceptInflate(t *testing.T) {
+	for _, c := range Codecs() {
+		t.Run(CodecName(c), func(t *testing.T) {
+			d, _ := NewDecoder(c, DefaultLimits())
+			m, data := validBatch(t, c, 1)
+			b, err := d.Accept(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Release()
+			if d.Next() != 2 {
+				t.Errorf("next sequence %d after Accept, want 2", d.Next())
+			}
+			if b.DataPages() != 4 || b.ZeroPages() != 2 || b.WireBytes != len(m.Payload) {
+				t.Errorf("accepted batch: %d data, %d zero pages, %d wire bytes", b.DataPages(), b.ZeroPages(), b.WireBytes)
+			}
+			for range 2 { // a second Inflate changes nothing
+				if err := b.Inflate(); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(b.Data, data) {
+					t.Fatal("inflated data differs from what was sent")
+				}
+			}
+			if _, err := d.Accept(m); !errors.Is(err, ErrSequence) {
+				t.Errorf("replay: %v", err)
+			}
 		})
 	}
 }
