@@ -50,13 +50,16 @@ type Run struct {
 	// FrozenMS is phaul's own account: source freeze to target resume.
 	FrozenMS float64 `json:"frozen_ms"`
 	// Phases splits FrozenMS (phaul's downtime_phases, in ms).
-	Phases    map[string]float64 `json:"downtime_phases,omitempty"`
-	TotalMS   float64            `json:"total_ms"`
-	Bytes     uint64             `json:"bytes_on_wire"`
-	Pages     uint64             `json:"pages_sent"`
-	PagesZero uint64             `json:"pages_zero"`
-	Rounds    int                `json:"rounds"`
-	Tracker   string             `json:"tracker,omitempty"`
+	Phases  map[string]float64 `json:"downtime_phases,omitempty"`
+	TotalMS float64            `json:"total_ms"`
+	// CleanupMS is the source's work after the migration (phaul's
+	// cleanup_ms): the original's memory freed, the network lock removed.
+	CleanupMS float64 `json:"cleanup_ms"`
+	Bytes     uint64  `json:"bytes_on_wire"`
+	Pages     uint64  `json:"pages_sent"`
+	PagesZero uint64  `json:"pages_zero"`
+	Rounds    int     `json:"rounds"`
+	Tracker   string  `json:"tracker,omitempty"`
 	// RestoreMS is the target's restore time as phaul reports it.
 	RestoreMS float64 `json:"target_restore_ms"`
 	// RoundBytes, RoundPages and RoundMS are per-round figures, round 0

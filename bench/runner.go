@@ -105,6 +105,7 @@ type migration struct {
 type migrateResult struct {
 	DowntimeMS float64            `json:"downtime_ms"`
 	TotalMS    float64            `json:"total_ms"`
+	CleanupMS  float64            `json:"cleanup_ms"`
 	Rounds     int                `json:"rounds"`
 	BytesSent  uint64             `json:"bytes_sent"`
 	PagesSent  uint64             `json:"pages_sent"`
@@ -415,7 +416,7 @@ func (r *runner) measure(ctx context.Context, c runCase, run *Run) error {
 		}
 	}()
 	res := m.result
-	run.FrozenMS, run.TotalMS, run.Bytes, run.Rounds = res.DowntimeMS, res.TotalMS, res.BytesSent, res.Rounds
+	run.FrozenMS, run.TotalMS, run.CleanupMS, run.Bytes, run.Rounds = res.DowntimeMS, res.TotalMS, res.CleanupMS, res.BytesSent, res.Rounds
 	run.Pages, run.PagesZero, run.Tracker, run.RestoreMS, run.Phases = res.PagesSent, res.PagesZero, res.Tracker, res.RestoreMS, res.Phases
 	for _, pr := range res.PerRound {
 		run.RoundBytes = append(run.RoundBytes, pr.Bytes)

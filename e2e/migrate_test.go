@@ -107,6 +107,7 @@ type migrateResult struct {
 	Pid        int     `json:"pid"`
 	DowntimeMS float64 `json:"downtime_ms"`
 	TotalMS    float64 `json:"total_ms"`
+	CleanupMS  float64 `json:"cleanup_ms"`
 	Rounds     int     `json:"rounds"`
 	BytesSent  uint64  `json:"bytes_sent"`
 	PagesSent  uint64  `json:"pages_sent"`
@@ -140,13 +141,20 @@ func TestMigrateAcrossHosts(t *testing.T) {
 	mc := src.Command(ctx, phaul, "migrate", "--to", tgt.Addr+":7070", "--insecure", "--json", "-vv", strconv.Itoa(pid))
 	var stderrBuf strings.Builder
 	mc.Stderr = &stderrBuf
+	began := time.Now()
 	out, err := mc.Output()
+	wall := time.Since(began)
 	if err != nil {
 		t.Fatalf("migrate: %v\n%s\nserve log:\n%s", err, stderrBuf.String(), readTail(serveLog))
 	}
 	var res migrateResult
 	if err := json.Unmarshal(out, &res); err != nil {
 		t.Fatalf("migrate --json: %v\n%s", err, out)
+	}
+	// The migration's time and the cleanup after it are both within the
+	// command's.
+	if res.CleanupMS <= 0 || res.TotalMS+res.CleanupMS > float64(wall.Milliseconds())+1 {
+		t.Errorf("total %.1f ms and cleanup %.1f ms; the command took %v", res.TotalMS, res.CleanupMS, wall)
 	}
 	if res.Pid != pid || res.Rounds < 2 || res.DowntimeMS <= 0 || res.DowntimeMS > res.TotalMS || res.BytesSent == 0 ||
 		len(res.PerRound) != res.Rounds || res.PerRound[0].Pages < 16384 {

@@ -104,9 +104,9 @@ func init() {
 				if *asJSON {
 					return printJSON(env.Stdout, res)
 				}
-				fmt.Fprintf(env.Stdout, "migrated %d to %s: downtime %.1f ms, total %s, %d rounds, %s on the wire (%d pages, %d zero)\n",
+				fmt.Fprintf(env.Stdout, "migrated %d to %s: downtime %.1f ms, total %s (then %s of cleanup here), %d rounds, %s on the wire (%d pages, %d zero)\n",
 					res.Pid, *to, res.DowntimeMS, time.Duration(res.TotalMS*float64(time.Millisecond)).Round(time.Millisecond),
-					res.Rounds, humanBytes(res.BytesSent), res.PagesSent, res.PagesZero)
+					time.Duration(res.CleanupMS*float64(time.Millisecond)).Round(time.Millisecond), res.Rounds, humanBytes(res.BytesSent), res.PagesSent, res.PagesZero)
 				return nil
 			}
 		},
