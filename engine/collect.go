@@ -49,6 +49,29 @@ type collector struct {
 	// goes away with the process, or is removed before it resumes).
 	tracked bool
 	vmas    []*imagepb.VMA // maps as image VMAs
+	// regs holds each thread's registers as collected, for injecting.
+	regs map[int]sys.Regs
+	// scratch is memory the collection mapped in the process, left there
+	// (a process that is killed needs no unmapping, which would cost the
+	// downtime an injected call): unmapScratch removes it before the
+	// process runs again.
+	scratch, scratchSize uint64
+}
+
+// unmapScratch removes the collection's scratch memory, if any.
+//
+// Precondition: called on the Tracer thread.
+func (c *collector) unmapScratch() error {
+	if c.scratch == 0 {
+		return nil
+	}
+	in, err := ptrace.NewInjector(c.frozen.Tids[0], c.gadget)
+	if err != nil {
+		return err
+	}
+	in.UseScratch(c.scratch, c.scratchSize)
+	c.scratch, c.scratchSize = 0, 0
+	return errors.Join(in.UnmapScratch(), in.Close())
 }
 
 // readMaps reads the process's mappings, refusing what cannot be restored.
@@ -234,6 +257,10 @@ func (c *collector) thread(tid int) (*imagepb.Thread, error) {
 	if err := sys.PtraceGetRegs(tid, &regs); err != nil {
 		return nil, fmt.Errorf("registers of thread %d: %w", tid, err)
 	}
+	if c.regs == nil {
+		c.regs = map[int]sys.Regs{}
+	}
+	c.regs[tid] = regs
 	th.Regs = regsToImage(&regs)
 	buf := make([]byte, maxXstate)
 	n, err := sys.PtraceGetRegSet(tid, sys.NT_X86_XSTATE, buf)
@@ -301,7 +328,11 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 	if c.gadget == 0 {
 		return unsupported("process %d has no [vdso] mapping to run system calls through", c.pid)
 	}
-	main, err := ptrace.NewInjector(c.frozen.Tids[0], c.gadget)
+	// Every thread's registers and signal mask were just collected.
+	injector := func(th *imagepb.Thread) (*ptrace.Injector, error) {
+		return ptrace.NewInjectorAt(int(th.Tid), c.gadget, c.regs[int(th.Tid)], th.Sigmask)
+	}
+	main, err := injector(p.Threads[0])
 	if err != nil {
 		return err
 	}
@@ -313,8 +344,12 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 	if err != nil {
 		return err
 	}
+	c.scratch, c.scratchSize = scratch, size
 	defer func() {
-		err = errors.Join(err, main.UnmapScratch())
+		if err != nil {
+			err = errors.Join(err, main.UnmapScratch())
+			c.scratch, c.scratchSize = 0, 0
+		}
 	}()
 
 	// One batch in the main thread: brk, the signal dispositions (every
@@ -359,7 +394,7 @@ func (c *collector) injected(p *imagepb.Process) (err error) {
 			calls[i] = append(whole, calls[i]...)
 			continue
 		}
-		if ins[i], err = ptrace.NewInjector(int(th.Tid), c.gadget); err != nil {
+		if ins[i], err = injector(th); err != nil {
 			return err
 		}
 		ins[i].UseBatchArea(slot, threadBatch)

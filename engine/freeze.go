@@ -320,6 +320,7 @@ func (f *Frozen) Resume() error {
 			err = f.tracker.Stop()
 			f.tracker = nil
 		}
+		err = errors.Join(err, f.c.unmapScratch())
 		return errors.Join(err, f.c.frozen.Resume(f.c.gadget))
 	}))
 }

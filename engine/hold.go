@@ -14,7 +14,8 @@ import (
 // as it leaves phaul's hands. From then on Kill kills it as before, while
 // Resume, or phaul dying (the kernel detaches it), leaves it stopped by job
 // control, not running: SIGCONT resumes it. On error it is not sent
-// SIGSTOP, and Resume resumes it.
+// SIGSTOP, and Resume resumes it. The scratch memory the collection left
+// mapped is removed first.
 //
 // Tracking kept registered (FreezeOptions.KeepTracking) stays so, but the
 // userfaultfd parked in the process is closed there: a process let go
@@ -35,6 +36,10 @@ func (f *Frozen) Hold() error {
 			if err := f.tracker.CloseProcessFD(); err != nil {
 				return fmt.Errorf("hold %d: %w", f.Pid, err)
 			}
+		}
+		// Before the SIGSTOP: an injection would take it off the thread.
+		if err := f.c.unmapScratch(); err != nil {
+			return fmt.Errorf("hold %d: %w", f.Pid, err)
 		}
 		if err := f.c.frozen.Requeue(f.c.gadget); err != nil {
 			return fmt.Errorf("hold %d: %w", f.Pid, err)

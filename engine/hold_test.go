@@ -237,3 +237,60 @@ func TestKillWhile(t *testing.T) {
 	}
 	w.waitGone(t)
 }
+
+// TestScratchLeftUntilResume: the memory the state collection maps in a
+// frozen process stays there while it is frozen (killing it needs no
+// unmapping in the downtime) and is gone once it runs again: after
+// Resume, and already after Hold, before the process is stopped for the
+// commit window.
+func TestScratchLeftUntilResume(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("freezing a process needs root (ptrace)")
+	}
+	w := startRewrite(t)
+	w.mustCheck(t)
+	maps := func() string {
+		t.Helper()
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(w.Pid) + "/maps")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	before := maps()
+	fz, err := engine.Freeze(context.Background(), engine.FreezeOptions{Pid: w.Pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if frozen := maps(); strings.Count(frozen, "\n") != strings.Count(before, "\n")+1 {
+		fz.Close()
+		t.Fatalf("frozen: want one mapping more than before (the scratch)\nbefore:\n%s\nfrozen:\n%s", before, frozen)
+	}
+	if err := fz.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	if after := maps(); after != before {
+		t.Errorf("mappings after Resume differ:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	w.mustCheck(t)
+
+	fz, err = engine.Freeze(context.Background(), engine.FreezeOptions{Pid: w.Pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fz.Hold(); err != nil {
+		fz.Close()
+		t.Fatal(err)
+	}
+	if held := maps(); held != before {
+		t.Errorf("mappings after Hold differ:\nbefore:\n%s\nheld:\n%s", before, held)
+	}
+	if err := fz.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	waitHeld(t, w.Pid)
+	if err := sys.Kill(w.Pid, sys.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	w.mustCheck(t)
+}

@@ -41,15 +41,24 @@ type Injector struct {
 //
 // Precondition: called on the Tracer thread; tid is in a ptrace stop.
 func NewInjector(tid int, gadget uint64) (*Injector, error) {
-	in := &Injector{Tid: tid, gadget: gadget}
-	if err := sys.PtraceGetRegs(tid, &in.saved); err != nil {
+	var regs sys.Regs
+	if err := sys.PtraceGetRegs(tid, &regs); err != nil {
 		return nil, fmt.Errorf("inject into %d: %w", tid, err)
 	}
 	m, err := sys.PtraceGetSigmask(tid)
 	if err != nil {
 		return nil, fmt.Errorf("inject into %d: %w", tid, err)
 	}
-	in.mask = m
+	return NewInjectorAt(tid, gadget, regs, m)
+}
+
+// NewInjectorAt is NewInjector for a caller that has just read the
+// thread's registers and signal mask (regs and mask), which Close puts
+// back.
+//
+// Precondition: called on the Tracer thread; tid is in a ptrace stop.
+func NewInjectorAt(tid int, gadget uint64, regs sys.Regs, mask uint64) (*Injector, error) {
+	in := &Injector{Tid: tid, gadget: gadget, saved: regs, mask: mask}
 	if err := sys.PtraceSetSigmask(tid, allSignals); err != nil {
 		return nil, fmt.Errorf("inject into %d: %w", tid, err)
 	}
