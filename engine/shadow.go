@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -380,7 +381,8 @@ func (r *restorer) relayout(vmas []*imagepb.VMA) error {
 	if err := r.placeScratch(vmas); err != nil {
 		return err
 	}
-	// Map what is new.
+	// Map what is new; what is kept takes the advice the process gave
+	// or took back since.
 	for _, v := range vmas {
 		if isKernelVMA(v.Kind) {
 			continue
@@ -390,7 +392,41 @@ func (r *restorer) relayout(vmas []*imagepb.VMA) error {
 				return err
 			}
 		}
+		for _, o := range old {
+			if o.End > v.Start && o.Start < v.End && sameBacking(o, v) {
+				if err := r.readvise(o, v); err != nil {
+					return err
+				}
+			}
+		}
 	}
 	r.vmas = vmas
 	return nil
+}
+
+// readvise changes the advice of the memory v keeps of o, an earlier
+// round's mapping, from o's to v's.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) readvise(o, v *imagepb.VMA) error {
+	if slices.Equal(o.Madvise, v.Madvise) {
+		return nil
+	}
+	start, end := max(o.Start, v.Start), min(o.End, v.End)
+	for _, f := range madviseFlags {
+		if !slices.Contains(o.Madvise, f.advice) || slices.Contains(v.Madvise, f.advice) {
+			continue
+		}
+		if f.undo == 0 {
+			if f.advice == sys.MADV_HUGEPAGE && slices.Contains(v.Madvise, sys.MADV_NOHUGEPAGE) ||
+				f.advice == sys.MADV_NOHUGEPAGE && slices.Contains(v.Madvise, sys.MADV_HUGEPAGE) {
+				continue // v's own advice replaces it
+			}
+			return unsupported("mapping %#x-%#x lost its transparent huge page advice between rounds (remapped in place): it cannot be taken back", start, end)
+		}
+		if _, err := r.main.Syscall(sys.SYS_MADVISE, start, end-start, uint64(f.undo)); err != nil {
+			return fmt.Errorf("madvise(%d) %#x-%#x: %w", f.undo, start, end, err)
+		}
+	}
+	return r.madvise(v, start, end)
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -159,11 +160,15 @@ func TestShadowFollowsRoundsAndFinishes(t *testing.T) {
 		if v == big {
 			half := proto.Clone(big).(*imagepb.VMA)
 			half.End = big.Start + (big.End-big.Start)/2/pageSize*pageSize
+			// Advice the process takes back before the freeze.
+			half.Madvise = append(half.Madvise, sys.MADV_DONTFORK)
 			first = append(first, half)
 			continue
 		}
 		first = append(first, v)
 	}
+	// Advice the process gives after round 1.
+	big.Madvise = append(big.Madvise, sys.MADV_DONTDUMP)
 	extra := &imagepb.VMA{Start: 0x200000000000, End: 0x200000000000 + 16*pageSize, Prot: 3,
 		Flags: sys.MAP_PRIVATE, Kind: imagepb.VMAKind_VMA_ANON_PRIVATE}
 	first = append(first, extra)
@@ -239,12 +244,35 @@ func TestShadowFollowsRoundsAndFinishes(t *testing.T) {
 	if strings.Contains(string(maps), "200000000000-") {
 		t.Errorf("the mapping dropped between rounds is still there:\n%s", maps)
 	}
+	if flags := vmFlags(t, pid, big.Start); !slices.Contains(flags, "dd") || slices.Contains(flags, "dc") {
+		t.Errorf("the mapping at %#x has VmFlags %v: want dd (given after round 1), not dc (taken back)", big.Start, flags)
+	}
 	if err := sys.Kill(pid, sys.SIGUSR1); err != nil {
 		t.Fatal(err)
 	}
 	if line := waitFor(t, logPath, "CHECK"); !strings.HasPrefix(line, "CHECK OK") {
 		t.Fatalf("restored process says %q", line)
 	}
+}
+
+// vmFlags returns the VmFlags of pid's mapping that starts at start.
+func vmFlags(t *testing.T, pid int, start uint64) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/smaps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The mapping's block starts with its range; VmFlags is its last line.
+	head := strconv.FormatUint(start, 16) + "-"
+	found := false
+	for _, line := range strings.Split(string(b), "\n") {
+		found = found || strings.HasPrefix(line, head)
+		if rest, ok := strings.CutPrefix(line, "VmFlags:"); ok && found {
+			return strings.Fields(rest)
+		}
+	}
+	t.Fatalf("no mapping at %#x in smaps", start)
+	return nil
 }
 
 func sortVMAs(v []*imagepb.VMA) {

@@ -12,17 +12,18 @@ import (
 )
 
 // madviseFlags maps smaps VmFlags codes to the madvise() advice that
-// recreates them.
+// recreates them, and the advice that takes it back (0: none; the THP
+// advice only gives way to the other one).
 var madviseFlags = []struct {
-	code   string
-	advice uint32
+	code         string
+	advice, undo uint32
 }{
-	{"hg", sys.MADV_HUGEPAGE},
-	{"nh", sys.MADV_NOHUGEPAGE},
-	{"dc", sys.MADV_DONTFORK},
-	{"dd", sys.MADV_DONTDUMP},
-	{"wf", sys.MADV_WIPEONFORK},
-	{"mg", sys.MADV_MERGEABLE},
+	{"hg", sys.MADV_HUGEPAGE, 0},
+	{"nh", sys.MADV_NOHUGEPAGE, 0},
+	{"dc", sys.MADV_DONTFORK, sys.MADV_DOFORK},
+	{"dd", sys.MADV_DONTDUMP, sys.MADV_DODUMP},
+	{"wf", sys.MADV_WIPEONFORK, sys.MADV_KEEPONFORK},
+	{"mg", sys.MADV_MERGEABLE, sys.MADV_UNMERGEABLE},
 }
 
 // refusedFlags are VmFlags codes of mappings phaul cannot recreate.
