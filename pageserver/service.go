@@ -286,6 +286,7 @@ func (p *pipeline) process(it *item) error {
 		if it.prev.failed {
 			err, it.refused = errSkipped, false
 		}
+		it.prev = nil // else every batch of the stream stays reachable
 	}
 	write, wait, err := p.record(it, err)
 	it.failed = err != nil

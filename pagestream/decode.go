@@ -129,16 +129,16 @@ func (d *Decoder) check(m *migrationpb.PageBatch) (*Batch, error) {
 	if m.GetSeq() != d.next {
 		return nil, fmt.Errorf("%w: batch %d, expected %d", ErrSequence, m.GetSeq(), d.next)
 	}
-	b, err := check(m, d.codec, d.lim)
+	b, err := checkBatch(m, d.codec, d.lim)
 	if err != nil {
 		return nil, fmt.Errorf("batch %d: %w", m.GetSeq(), err)
 	}
 	return b, nil
 }
 
-// check checks everything about m except its sequence number and the
-// decompression of its payload.
-func check(m *migrationpb.PageBatch, streamCodec Codec, lim Limits) (*Batch, error) {
+// checkBatch checks everything about m except its sequence number and
+// the decompression of its payload.
+func checkBatch(m *migrationpb.PageBatch, streamCodec Codec, lim Limits) (*Batch, error) {
 	if m.GetPid() <= 0 {
 		return nil, fmt.Errorf("%w: pid %d", ErrMalformed, m.GetPid())
 	}
