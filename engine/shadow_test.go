@@ -3,6 +3,7 @@ package engine
 import (
 	"bufio"
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -296,5 +297,16 @@ func TestSubtract(t *testing.T) {
 	}
 	if s := subtract(0, 10, nil); len(s) != 1 || s[0] != (span{0, 10}) {
 		t.Errorf("no cut: %v", s)
+	}
+}
+
+// TestReadviseRefusesLostTHPAdvice: THP advice can only give way to the
+// other THP advice; a kept mapping that lost it is refused by name.
+func TestReadviseRefusesLostTHPAdvice(t *testing.T) {
+	o := &imagepb.VMA{Start: 0x10000, End: 0x20000, Madvise: []uint32{sys.MADV_HUGEPAGE}}
+	v := &imagepb.VMA{Start: 0x18000, End: 0x30000}
+	err := (&restorer{}).readvise(o, v)
+	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "0x18000-0x20000") || !strings.Contains(err.Error(), "huge page") {
+		t.Fatalf("readvise: %v, want an unsupported error naming 0x18000-0x20000", err)
 	}
 }
