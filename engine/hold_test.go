@@ -23,10 +23,7 @@ func TestHold(t *testing.T) {
 	}
 	w := startRewrite(t)
 	w.mustCheck(t)
-	fz, err := engine.Freeze(context.Background(), engine.FreezeOptions{Pid: w.Pid})
-	if err != nil {
-		t.Fatal(err)
-	}
+	fz := mustFreeze(t, w.Pid)
 	if err := fz.Hold(); err != nil {
 		fz.Close()
 		t.Fatal(err)
@@ -40,10 +37,7 @@ func TestHold(t *testing.T) {
 	}
 	w.mustCheck(t)
 
-	fz, err = engine.Freeze(context.Background(), engine.FreezeOptions{Pid: w.Pid})
-	if err != nil {
-		t.Fatal(err)
-	}
+	fz = mustFreeze(t, w.Pid)
 	if err := fz.Hold(); err != nil {
 		fz.Close()
 		t.Fatal(err)
@@ -213,12 +207,9 @@ func TestKillWhile(t *testing.T) {
 	}
 	w := startRewrite(t)
 	w.mustCheck(t)
-	fz, err := engine.Freeze(context.Background(), engine.FreezeOptions{Pid: w.Pid})
-	if err != nil {
-		t.Fatal(err)
-	}
+	fz := mustFreeze(t, w.Pid)
 	var killed, ran bool
-	err = fz.KillWhile(func() {
+	err := fz.KillWhile(func() {
 		// SIGKILL pending on the process, or the process already dying.
 		status, err := testutil.ProcStatus(w.Pid, w.Pid)
 		pending, _ := strconv.ParseUint(status["ShdPnd"], 16, 64)
@@ -258,10 +249,7 @@ func TestScratchLeftUntilResume(t *testing.T) {
 		return string(b)
 	}
 	before := maps()
-	fz, err := engine.Freeze(context.Background(), engine.FreezeOptions{Pid: w.Pid})
-	if err != nil {
-		t.Fatal(err)
-	}
+	fz := mustFreeze(t, w.Pid)
 	if frozen := maps(); strings.Count(frozen, "\n") != strings.Count(before, "\n")+1 {
 		fz.Close()
 		t.Fatalf("frozen: want one mapping more than before (the scratch)\nbefore:\n%s\nfrozen:\n%s", before, frozen)
@@ -274,10 +262,7 @@ func TestScratchLeftUntilResume(t *testing.T) {
 	}
 	w.mustCheck(t)
 
-	fz, err = engine.Freeze(context.Background(), engine.FreezeOptions{Pid: w.Pid})
-	if err != nil {
-		t.Fatal(err)
-	}
+	fz = mustFreeze(t, w.Pid)
 	if err := fz.Hold(); err != nil {
 		fz.Close()
 		t.Fatal(err)
@@ -293,4 +278,14 @@ func TestScratchLeftUntilResume(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.mustCheck(t)
+}
+
+// mustFreeze freezes pid (collecting its state, without tracking).
+func mustFreeze(t *testing.T, pid int) *engine.Frozen {
+	t.Helper()
+	fz, err := engine.Freeze(context.Background(), engine.FreezeOptions{Pid: pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fz
 }

@@ -334,14 +334,23 @@ func subtract(start, end uint64, cut []span) []span {
 	return out
 }
 
+// kept returns the mappings of list that v keeps memory of: those it
+// overlaps with the same backing.
+func kept(v *imagepb.VMA, list []*imagepb.VMA) []*imagepb.VMA {
+	var out []*imagepb.VMA
+	for _, o := range list {
+		if o.End > v.Start && o.Start < v.End && sameBacking(o, v) {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
 // overlaps returns the parts of the VMAs in list that overlap v and have the
 // same backing, as sorted spans clipped to v.
 func overlaps(v *imagepb.VMA, list []*imagepb.VMA) []span {
 	var out []span
-	for _, o := range list {
-		if o.End <= v.Start || o.Start >= v.End || !sameBacking(o, v) {
-			continue
-		}
+	for _, o := range kept(v, list) {
 		out = append(out, span{max(o.Start, v.Start), min(o.End, v.End)})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].start < out[j].start })
@@ -392,11 +401,9 @@ func (r *restorer) relayout(vmas []*imagepb.VMA) error {
 				return err
 			}
 		}
-		for _, o := range old {
-			if o.End > v.Start && o.Start < v.End && sameBacking(o, v) {
-				if err := r.readvise(o, v); err != nil {
-					return err
-				}
+		for _, o := range kept(v, old) {
+			if err := r.readvise(o, v); err != nil {
+				return err
 			}
 		}
 	}

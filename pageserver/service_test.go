@@ -221,6 +221,9 @@ func TestServiceConfig(t *testing.T) {
 	if _, err := pageserver.NewService(pageserver.ServiceConfig{Lookup: func(string) (*pageserver.Store, error) { return nil, nil }, Limits: lim}); err == nil {
 		t.Error("service with bad limits")
 	}
+	if _, err := pageserver.NewService(pageserver.ServiceConfig{Lookup: func(string) (*pageserver.Store, error) { return nil, nil }, Workers: -1}); err == nil {
+		t.Error("service with -1 workers")
+	}
 }
 
 // Uncompressed pages are used where they arrived, in the received
