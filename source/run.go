@@ -189,6 +189,8 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			return nil, fmt.Errorf("migrate %d: %w", cfg.Pid, err)
 		}
 	}
+	// Protobuf's set-up of the state's message types, off the downtime.
+	go protocol.WarmUp()
 	// What the hello tells of this host is collected while connecting
 	// (the kernel feature probes take tens of milliseconds).
 	hostc := make(chan *migrationpb.HostInfo, 1)

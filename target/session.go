@@ -83,6 +83,8 @@ func NewSession(cfg Config, log *slog.Logger) *Session {
 	if cfg.SourceTimeout == 0 {
 		cfg.SourceTimeout = DefaultSourceTimeout
 	}
+	// Protobuf's set-up of the state's message types, off the downtime.
+	go protocol.WarmUp()
 	return &Session{cfg: cfg, log: log, migrations: map[string]*migration{}, ended: map[string]ending{}}
 }
 
