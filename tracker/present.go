@@ -23,6 +23,7 @@ type Pagemap struct {
 	f    *os.File
 	scan bool
 	vec  []sys.PageRegion
+	used int // entries of vec the last scan may have written
 	ents []byte
 }
 
@@ -64,11 +65,13 @@ func (p *Pagemap) Scan(start, end uint64, arg sys.PmScanArg, out []sys.PageRegio
 		p.vec = make([]sys.PageRegion, scanVecLen)
 	}
 	for cur := start; cur < end; {
-		clear(p.vec)
+		// Only what the last call may have written needs clearing.
+		clear(p.vec[:p.used])
 		a := arg
 		a.Start, a.End = cur, end
 		n, err := sys.PagemapScan(p.fd(), &a, p.vec)
 		if err != nil {
+			p.used = len(p.vec)
 			for _, r := range p.vec {
 				if r.End == 0 {
 					break
@@ -77,6 +80,7 @@ func (p *Pagemap) Scan(start, end uint64, arg sys.PmScanArg, out []sys.PageRegio
 			}
 			return out, fmt.Errorf("scan pages %#x-%#x of %d: %w", cur, end, p.pid, err)
 		}
+		p.used = n
 		out = append(out, p.vec[:n]...)
 		if a.WalkEnd <= cur {
 			return out, fmt.Errorf("scan pages %#x-%#x of %d: the walk stopped at %#x", cur, end, p.pid, a.WalkEnd)

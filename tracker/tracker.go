@@ -129,6 +129,12 @@ type Delta struct {
 	// contents. A page there that is not in Dirty is then still the one
 	// recorded, with no need to look at it.
 	DropsReported bool
+	// Seen, when not nil, holds pages of Dirty whose presence the round
+	// saw on its way (the uffdwp backend asks its scan for it): of them,
+	// those in Present are present or swapped out, the others were
+	// dropped. Pages of Dirty outside Seen (mappings new this round, or
+	// untracked) need a look at the page tables.
+	Seen, Present Ranges
 }
 
 // Scanned returns the number of pages the round covered.

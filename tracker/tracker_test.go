@@ -33,13 +33,49 @@ func round(t *testing.T, tr tracker.Tracker) *tracker.Delta {
 	return d
 }
 
-// expect checks that, inside region r, the round reported exactly want.
+// expect checks that, inside region r, the round reported exactly want,
+// and that what it says it saw present is (checkSeen).
 func expect(t *testing.T, w *workload, d *tracker.Delta, r, step string, want tracker.Ranges) {
 	t.Helper()
 	got := tracker.Intersect(d.Dirty, w.span(r))
 	if !equal(got, want) {
 		t.Errorf("%s: round %d reported pages %s of region %s written, want %s",
 			step, d.Round, w.pageNumbers(r, got), r, w.pageNumbers(r, want))
+	}
+	checkSeen(t, w.Pid, d, step)
+}
+
+// checkSeen compares the presence a round reports of the written pages it
+// saw (Delta.Seen, Delta.Present) with the page tables, in the private
+// anonymous mappings, where a pre-dump round relies on it.
+func checkSeen(t *testing.T, pid int, d *tracker.Delta, step string) {
+	t.Helper()
+	if d.Seen == nil {
+		return
+	}
+	if extra := tracker.Subtract(d.Seen, d.Dirty); len(extra) > 0 {
+		t.Errorf("%s: round %d saw pages %s that it does not report written", step, d.Round, extra)
+	}
+	pm, err := tracker.OpenPagemap(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pm.Close()
+	for _, a := range d.Areas {
+		if a.File || a.Shared {
+			continue
+		}
+		seen := tracker.Intersect(d.Seen, tracker.Ranges{a.Range})
+		if len(seen) == 0 {
+			continue
+		}
+		truth, err := pm.Present(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := tracker.Intersect(d.Present, seen), tracker.Intersect(truth, seen); !equal(got, want) {
+			t.Errorf("%s: round %d: of the written pages it saw, %s present, the page tables say %s", step, d.Round, got, want)
+		}
 	}
 }
 

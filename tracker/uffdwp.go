@@ -267,11 +267,17 @@ func (t *uffdTracker) byRegistration(areas []Area, inv uint64) (Ranges, error) {
 // the round began): what was reported before the refusal is kept, the
 // rest of r is scanned without the check, and the unregistered pages are
 // returned as new.
-func (t *uffdTracker) scanWritten(r Range, rearm bool) (written, fresh Ranges, err error) {
+//
+// The same walk tells which written pages are still there (present), so
+// that a round need not walk them again: the regions of present or
+// swapped-out pages are returned in present, those swapped only after a
+// look at their entries (a write-protect marker reads as swapped too).
+// A written page in neither was dropped.
+func (t *uffdTracker) scanWritten(r Range, rearm bool) (written, fresh, present Ranges, err error) {
 	arg := sys.PmScanArg{
 		Flags:        sys.PM_SCAN_CHECK_WPASYNC,
 		CategoryMask: sys.PAGE_IS_WRITTEN,
-		ReturnMask:   sys.PAGE_IS_WRITTEN,
+		ReturnMask:   sys.PAGE_IS_WRITTEN | sys.PAGE_IS_PRESENT | sys.PAGE_IS_SWAPPED,
 	}
 	if rearm {
 		arg.Flags |= sys.PM_SCAN_WP_MATCHING
@@ -285,12 +291,25 @@ func (t *uffdTracker) scanWritten(r Range, rearm bool) (written, fresh Ranges, e
 		}
 	}
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	for _, g := range regs {
 		written = append(written, Range{g.Start, g.End})
+		switch {
+		case g.Categories&sys.PAGE_IS_PRESENT != 0:
+			present = append(present, Range{g.Start, g.End})
+		case g.Categories&sys.PAGE_IS_SWAPPED != 0:
+			err := t.pm.Entries(Range{g.Start, g.End}, func(addr, e uint64) {
+				if e&proc.PMSwapped != 0 && !isUffdMarker(e) {
+					present = append(present, Range{addr, addr + PageSize})
+				}
+			})
+			if err != nil {
+				return nil, nil, nil, err
+			}
+		}
 	}
-	return Normalize(written), fresh, nil
+	return Normalize(written), fresh, Normalize(present), nil
 }
 
 func (t *uffdTracker) Round(ctx context.Context) (*Delta, error) { return t.round(ctx, nil, true) }
@@ -330,11 +349,12 @@ func (t *uffdTracker) round(ctx context.Context, maps []proc.Mapping, rearm bool
 	// Gathered, then made a set once: thousands of scattered pages, merged
 	// into the set mapping by mapping, cost milliseconds.
 	found := append([]Range(nil), fresh...)
+	var seen, present []Range
 	for _, r := range AreaRanges(priv) {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		written, late, err := t.scanWritten(r, rearm)
+		written, late, there, err := t.scanWritten(r, rearm)
 		if err != nil {
 			return nil, fmt.Errorf("tracking round of %d: %w", t.pid, t.gone(err))
 		}
@@ -342,6 +362,8 @@ func (t *uffdTracker) round(ctx context.Context, maps []proc.Mapping, rearm bool
 			t.arm(areas, late)
 		}
 		found = append(append(found, late...), written...)
+		seen = append(seen, Subtract(written, late)...)
+		present = append(present, there...)
 	}
 	for _, a := range areas {
 		if a.Untracked {
@@ -349,6 +371,17 @@ func (t *uffdTracker) round(ctx context.Context, maps []proc.Mapping, rearm bool
 		}
 	}
 	d.Dirty = Intersect(Normalize(found), AreaRanges(areas))
+	// What counts as written whole (untracked, fresh) was not seen.
+	d.Seen = Subtract(Intersect(Normalize(seen), d.Dirty), Normalize(found[:len(fresh)]))
+	for _, a := range areas {
+		if a.Untracked {
+			d.Seen = Subtract(d.Seen, Ranges{a.Range})
+		}
+	}
+	if d.Seen == nil {
+		d.Seen = Ranges{}
+	}
+	d.Present = Intersect(Normalize(present), d.Seen)
 	if _, err := startTime(t.pid); err != nil {
 		return nil, fmt.Errorf("tracking round of %d: %w", t.pid, err)
 	}
