@@ -367,62 +367,118 @@ func (r *restorer) setTimers() error {
 // threadFlags are the clone flags of a thread of the same process.
 const threadFlags = sys.CLONE_VM | sys.CLONE_FS | sys.CLONE_FILES | sys.CLONE_SIGHAND | sys.CLONE_THREAD | sys.CLONE_SYSVSEM
 
-// createThreads clones every thread but the main one with its TID, from
-// the main thread in batches, and waits for each to stop; setThreads
-// gives them their state.
+// createThreads gives the process the threads of the image (syncThreads).
 //
 // Precondition: called on the Tracer thread.
 func (r *restorer) createThreads() error {
-	in := r.main
+	tids := make([]int, len(r.img.Threads))
+	for i, th := range r.img.Threads {
+		tids[i] = int(th.Tid)
+	}
+	return r.syncThreads(tids)
+}
+
+// syncThreads makes the threads of the process those of tids, the main
+// thread's first: threads created before (Shadow.SetThreads) and not in
+// tids exit, and those missing are cloned with their TID, from the main
+// thread in batches. Every new thread starts in a ptrace stop, and stays
+// there until setThreads gives it its state. The others keep theirs (none
+// yet: only setThreads sets any).
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) syncThreads(tids []int) error {
+	if len(tids) == 0 || tids[0] != r.pid {
+		return fmt.Errorf("%w: the thread list does not start with the main thread", ErrBadImage)
+	}
+	want := map[int]bool{}
+	for _, tid := range tids[1:] {
+		want[tid] = true
+	}
+	kept := []int{r.pid}
+	for _, tid := range r.created[1:] {
+		if want[tid] {
+			kept = append(kept, tid)
+			continue
+		}
+		if err := r.exitThread(tid); err != nil {
+			return fmt.Errorf("thread %d, gone at the source: %w", tid, err)
+		}
+	}
+	r.created = kept
+	var missing []int
+	for _, tid := range tids[1:] {
+		if !slices.Contains(r.created, tid) {
+			missing = append(missing, tid)
+		}
+	}
 	const perBatch = (scratchBatch - scratchClone) / cloneArgsSize
-	rest := r.img.Threads[1:]
-	for len(rest) > 0 {
+	in := r.main
+	for rest := missing; len(rest) > 0; {
 		chunk := rest[:min(len(rest), perBatch)]
 		rest = rest[len(chunk):]
 		buf := make([]byte, cloneArgsSize*len(chunk))
 		var c calls
-		for i, th := range chunk {
+		for i, tid := range chunk {
 			at := r.scratch + scratchClone + uint64(cloneArgsSize*i)
 			copy(buf[cloneArgsSize*i:], cloneArgs(threadFlags, 0, at+88))
-			binary.LittleEndian.PutUint32(buf[cloneArgsSize*i+88:], uint32(th.Tid))
-			c.add(fmt.Sprintf("clone3 thread %d", th.Tid), sys.SYS_CLONE3, at, 88)
+			binary.LittleEndian.PutUint32(buf[cloneArgsSize*i+88:], uint32(tid))
+			c.add(fmt.Sprintf("clone3 thread %d", tid), sys.SYS_CLONE3, at, 88)
 		}
 		if err := in.WriteMemory(r.scratch+scratchClone, buf); err != nil {
 			return err
 		}
 		res, err := c.run(in)
 		for i, got := range res {
-			if int(got) != int(chunk[i].Tid) {
-				return fmt.Errorf("clone3 gave TID %d, asked for %d", got, chunk[i].Tid)
+			if int(got) != chunk[i] {
+				return fmt.Errorf("clone3 gave TID %d, asked for %d", got, chunk[i])
 			}
 			r.created = append(r.created, int(got))
 		}
 		if err != nil {
 			if errors.Is(err, sys.EEXIST) {
-				return pidFree(int(chunk[len(res)].Tid))
+				return pidFree(chunk[len(res)])
 			}
 			return err
 		}
 	}
-	for _, th := range r.img.Threads[1:] {
+	for _, tid := range missing {
 		// A new thread starts in a ptrace stop (auto-attached).
 		for {
-			st, err := ptrace.Wait(int(th.Tid))
+			st, err := ptrace.Wait(tid)
 			if err != nil {
 				return err
 			}
 			if st.Exited() {
-				return fmt.Errorf("new thread %d died: %s", th.Tid, st)
+				return fmt.Errorf("new thread %d died: %s", tid, st)
 			}
 			if st.IsEventStop() {
 				break
 			}
-			if err := sys.PtraceCont(int(th.Tid), 0); err != nil {
+			if err := sys.PtraceCont(tid, 0); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// exitThread makes the stopped thread tid, one the restore created, exit,
+// and reaps it: its TID is free again when it returns.
+//
+// Precondition: called on the Tracer thread.
+func (r *restorer) exitThread(tid int) error {
+	in, err := ptrace.NewInjector(tid, r.gadget)
+	if err != nil {
+		return err
+	}
+	_, err = in.Syscall(sys.SYS_EXIT, 0)
+	switch {
+	case errors.Is(err, ptrace.ErrProcessGone):
+		return nil
+	case err == nil:
+		return errors.New("exit returned")
+	}
+	return fmt.Errorf("exit: %w", err)
 }
 
 // setThreads gives every thread, the main one too, its state (threadCalls)
@@ -530,6 +586,14 @@ func (r *restorer) threadCalls(in *ptrace.Injector, th *imagepb.Thread, slot uin
 		return c, err
 	}
 	c.add("thread name", sys.SYS_PRCTL, sys.PR_SET_NAME, slot+64)
+	if th.Tid != int32(r.pid) {
+		// Each thread has its own, inherited when it is cloned: a thread
+		// a shadow created before setIdentity has the stub's.
+		c.add(fmt.Sprintf("personality %#x", r.img.Personality), sys.SYS_PERSONALITY, uint64(r.img.Personality))
+		if r.img.NoNewPrivs {
+			c.add("no_new_privs", sys.SYS_PRCTL, sys.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+		}
+	}
 	if len(th.Pending) > 0 {
 		if _, err := c.run(in); err != nil {
 			return c, err

@@ -113,6 +113,33 @@ func (s *Shadow) SetLayout(vmas []*imagepb.VMA) error {
 	return s.r.tr.Do(func() error { return s.r.relayout(vmas) })
 }
 
+// SetThreads creates the threads of tids, the TIDs of the process's
+// threads in a round (the main thread's first), before the final state
+// arrives, so that the restore after the freeze only creates those started
+// since; threads it created before and no longer in tids exit. Like the
+// process, they stay stopped and run nothing until Resume. A TID in use
+// here is refused with ErrPidTaken.
+func (s *Shadow) SetThreads(tids []int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done || s.ready {
+		return errShadowDone
+	}
+	r := s.r
+	for _, tid := range tids[min(1, len(tids)):] {
+		if slices.Contains(r.created, tid) {
+			continue
+		}
+		if err := pidFree(tid); err != nil {
+			return fmt.Errorf("shadow %d: %w", r.pid, err)
+		}
+	}
+	if err := r.tr.Do(func() error { return r.syncThreads(tids) }); err != nil {
+		return fmt.Errorf("shadow %d: threads: %w", r.pid, err)
+	}
+	return nil
+}
+
 var errShadowDone = errors.New("shadow already finished or discarded")
 
 // WritePages writes data (whole pages) at addr.
@@ -213,6 +240,9 @@ func (s *Shadow) Ready(ctx context.Context, st State) (*RestoreResult, error) {
 	err := ctx.Err()
 	if err == nil {
 		for _, th := range st.Process.Threads[1:] {
+			if slices.Contains(r.created, int(th.Tid)) {
+				continue // created by SetThreads
+			}
 			if err = pidFree(int(th.Tid)); err != nil {
 				break
 			}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,6 +33,7 @@ const shadowee = `
 #include <unistd.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/personality.h>
 #define PAGES 4096
 static unsigned long *mem;
 static volatile unsigned long ticks;
@@ -44,6 +46,7 @@ int main(void) {
 		for (unsigned long i = 0; i < 512; i++) mem[p * 512 + i] = p * 1000003 + i;
 	memset(mem + 7 * 512, 0, 4096); /* one zero page */
 	signal(SIGUSR1, on_usr1);
+	personality(ADDR_NO_RANDOMIZE); /* per thread: the ticker inherits it */
 	pthread_t t; pthread_create(&t, 0, ticker, 0);
 	printf("READY %d\n", getpid()); fflush(stdout);
 	for (;;) {
@@ -218,9 +221,31 @@ func TestShadowFollowsRoundsAndFinishes(t *testing.T) {
 			}
 		}
 	}
+	// Round 1's threads: the process's, and one it has lost by the
+	// freeze.
+	var tids []int
+	for _, th := range p.State.Threads {
+		tids = append(tids, int(th.Tid))
+	}
+	gone := tids[len(tids)-1] + 1
+	for pidFree(gone) != nil {
+		gone++
+	}
+	if err := sh.SetThreads(append(slices.Clone(tids), gone)); err != nil {
+		t.Fatal(err)
+	}
+	if got := taskList(t, pid); !slices.Equal(got, append(slices.Clone(tids), gone)) {
+		t.Fatalf("threads after SetThreads: %v, want %v and %d", got, tids, gone)
+	}
 	// Round 2: the final layout, then every page as the image has it.
 	if err := sh.SetLayout(final); err != nil {
 		t.Fatal(err)
+	}
+	if err := sh.SetThreads(tids); err != nil {
+		t.Fatal(err)
+	}
+	if got := taskList(t, pid); !slices.Equal(got, tids) {
+		t.Fatalf("threads after the second SetThreads: %v, want %v", got, tids)
 	}
 	for _, e := range chain.Extents {
 		if e.Zero {
@@ -241,6 +266,15 @@ func TestShadowFollowsRoundsAndFinishes(t *testing.T) {
 		t.Fatal(err)
 	}
 	restored = true
+	if got := taskList(t, pid); !slices.Equal(got, tids) {
+		t.Errorf("threads after Finish: %v, want %v", got, tids)
+	}
+	for _, tid := range tids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/personality", pid, tid))
+		if err != nil || strings.TrimSpace(string(b)) != "00040000" {
+			t.Errorf("thread %d: personality %q (%v), want 00040000", tid, b, err)
+		}
+	}
 	maps, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/maps")
 	if strings.Contains(string(maps), "200000000000-") {
 		t.Errorf("the mapping dropped between rounds is still there:\n%s", maps)
@@ -254,6 +288,23 @@ func TestShadowFollowsRoundsAndFinishes(t *testing.T) {
 	if line := waitFor(t, logPath, "CHECK"); !strings.HasPrefix(line, "CHECK OK") {
 		t.Fatalf("restored process says %q", line)
 	}
+}
+
+// taskList returns the TIDs of pid's threads, in increasing order.
+func taskList(t *testing.T, pid int) []int {
+	t.Helper()
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tids []int
+	for _, e := range ents {
+		if tid, err := strconv.Atoi(e.Name()); err == nil {
+			tids = append(tids, tid)
+		}
+	}
+	slices.Sort(tids)
+	return tids
 }
 
 // vmFlags returns the VmFlags of pid's mapping that starts at start.

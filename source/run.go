@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/phaul/phaul/engine"
+	"github.com/phaul/phaul/engine/ptrace"
 	"github.com/phaul/phaul/internal/actionscript"
 	"github.com/phaul/phaul/internal/hostinfo"
 	"github.com/phaul/phaul/netsock"
@@ -289,7 +291,8 @@ type migration struct {
 	id      string
 	control migrationpb.ControlClient
 	xsave   uint64
-	layout  []byte // the layout the target has (last BeginRound)
+	layout  []byte            // the layout the target has (last BeginRound)
+	threads []*imagepb.Thread // the TIDs the layout holds
 	// streamCtx is the page stream's context; its cause is a
 	// *TimeoutError when watchPages aborted the stream.
 	streamCtx context.Context
@@ -328,9 +331,17 @@ func (m *migration) pageErr(err error) error {
 
 // beginRound sends the process's layout for round, unless the target has
 // it already: the final round runs in the downtime, and a process's layout
-// rarely changes between its last rounds.
-func (m *migration) beginRound(ctx context.Context, round int, vmas []*imagepb.VMA) error {
-	blob, err := proto.MarshalOptions{Deterministic: true}.Marshal(&imagepb.Process{Pid: int32(m.cfg.Pid), Vmas: vmas})
+// rarely changes between its last rounds. The layout holds the TIDs of the
+// threads too, for the target to create them ahead of the restore; tids
+// nil (the final round) means those of the round before.
+func (m *migration) beginRound(ctx context.Context, round int, vmas []*imagepb.VMA, tids []int) error {
+	if tids != nil {
+		m.threads = m.threads[:0]
+		for _, tid := range tids {
+			m.threads = append(m.threads, &imagepb.Thread{Tid: int32(tid)})
+		}
+	}
+	blob, err := proto.MarshalOptions{Deterministic: true}.Marshal(&imagepb.Process{Pid: int32(m.cfg.Pid), Vmas: vmas, Threads: m.threads})
 	if err != nil {
 		return err
 	}
@@ -404,7 +415,11 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 		if err != nil {
 			return nil, fmt.Errorf("layout for round %d: %w", round, err)
 		}
-		if err := m.beginRound(ctx, round, vmas); err != nil {
+		tids, err := threadList(cfg.Pid)
+		if err != nil {
+			return nil, fmt.Errorf("threads for round %d: %w", round, err)
+		}
+		if err := m.beginRound(ctx, round, vmas, tids); err != nil {
 			return nil, err
 		}
 		before := sender.Stats()
@@ -472,7 +487,7 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 			}
 			lastStart = time.Now()
 			defer func() { lastEnd = time.Now() }()
-			if err := m.beginRound(ctx, round, vmas); err != nil {
+			if err := m.beginRound(ctx, round, vmas, nil); err != nil {
 				return err
 			}
 			layoutDone := time.Now()
@@ -673,6 +688,20 @@ func (m *migration) run(ctx context.Context, pages migrationpb.PagesClient, code
 	res.Rounds = len(res.PerRound)
 	res.BytesSent, res.PagesSent, res.PagesZero = total.WireBytes, total.PagesData, total.PagesZero
 	return res, nil
+}
+
+// threadList returns the TIDs of pid's threads, the main thread's first.
+func threadList(pid int) ([]int, error) {
+	tids, err := ptrace.ListThreads(pid)
+	if err != nil {
+		return nil, err
+	}
+	slices.Sort(tids)
+	if i := slices.Index(tids, pid); i > 0 {
+		copy(tids[1:i+1], tids[:i])
+		tids[0] = pid
+	}
+	return tids, nil
 }
 
 // finalState packs the frozen process's state for the target.

@@ -7,6 +7,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -413,5 +416,39 @@ func TestRunTrackingRefused(t *testing.T) {
 	// The other tracking still works.
 	if _, err := other.Round(context.Background()); err != nil {
 		t.Errorf("the other tracker after the refused migration: %v", err)
+	}
+}
+
+// TestThreadList checks the TIDs a round's layout carries: every thread,
+// the main thread's first.
+func TestThreadList(t *testing.T) {
+	done := make(chan struct{})
+	defer close(done)
+	for range 3 { // threads of their own, so that there is more than one
+		go func() {
+			runtime.LockOSThread()
+			<-done
+		}()
+	}
+	pid := os.Getpid()
+	tids, err := threadList(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tids) < 2 || tids[0] != pid {
+		t.Fatalf("threads %v: want the main thread %d first, and more", tids, pid)
+	}
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		tid, _ := strconv.Atoi(e.Name())
+		if !slices.Contains(tids, tid) {
+			t.Errorf("thread %d missing from %v", tid, tids)
+		}
+	}
+	if _, err := threadList(1 << 30); err == nil {
+		t.Error("no error for a process that does not exist")
 	}
 }

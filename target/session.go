@@ -358,10 +358,21 @@ func (s *Session) BeginRound(ctx context.Context, req *migrationpb.BeginRoundReq
 			}
 			m.shadows[pid] = sh
 			m.log.Info("shadow created", "pid", pid, "vmas", len(p.GetVmas()))
-			continue
-		}
-		if err := sh.SetLayout(p.GetVmas()); err != nil {
+		} else if err := sh.SetLayout(p.GetVmas()); err != nil {
 			return nil, status.Errorf(codes.Internal, "begin round %d: layout of %d: %v", req.GetRound(), pid, err)
+		}
+		// The threads, ahead of the restore (a source that does not send
+		// them leaves it all to the restore).
+		if ths := p.GetThreads(); len(ths) > 0 {
+			tids := make([]int, len(ths))
+			for i, th := range ths {
+				tids[i] = int(th.GetTid())
+			}
+			if err := sh.SetThreads(tids); err != nil {
+				// The restore creates what is missing then, or fails
+				// with the reason.
+				m.log.Warn("threads not created ahead", "pid", pid, "err", err)
+			}
 		}
 	}
 	return &migrationpb.BeginRoundResponse{}, nil
