@@ -53,6 +53,14 @@ func TestDumpRestoreThreads(t *testing.T) {
 	w.WaitGone(t, 10*time.Second)
 }
 
+// TestDumpRestoreFdTable restores a descriptor table with gaps, numbers
+// out of order, two descriptors of one open file and a pipe among the
+// files (testdata/fdtable.c): the workload checks every descriptor itself.
+func TestDumpRestoreFdTable(t *testing.T) {
+	w := startFixture(t, "fdtable")
+	dumpRestoreCycle(t, w, cycleOpts{})
+}
+
 func TestDumpRestoreGo(t *testing.T) {
 	w := startFixture(t, "go")
 	dumpRestoreCycle(t, w, cycleOpts{snap: snapOpts{goRuntime: true}})

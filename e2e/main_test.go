@@ -150,6 +150,7 @@ func buildAll() {
 	cc("treemem", "treemem.c")
 	cc("slowaccept", "slowaccept.c")
 	cc("churn", "churn.c")
+	cc("fdtable", "fdtable.c")
 	build("go", func() artifact {
 		err := testutil.CompileGo(filepath.Join(testdata, "goworkload"), out("goworkload"))
 		return artifact{argv: []string{out("goworkload")}, err: err}

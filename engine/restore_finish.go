@@ -149,6 +149,10 @@ func (r *restorer) setFiles() error {
 	if _, err := c.run(in); err != nil {
 		return err
 	}
+	// The calls that place descriptors are queued and run as few batches
+	// (fdBatch); kinds that need the kernel's answers on the way
+	// (sockets, pipes, ...) run what is queued first.
+	b := &fdBatch{r: r, used: map[int]bool{base: true, base + 1: true, base + 2: true}}
 	opened := map[uint32]int32{}   // file id -> first descriptor restored for it
 	inherited := map[uint32]bool{} // file ids another process made (it set them up)
 	for _, fd := range listenersFirst(r.img.Fds, files) {
@@ -164,22 +168,29 @@ func (r *restorer) setFiles() error {
 			if f.InheritFd < 0 || f.InheritFd > 2 {
 				return fmt.Errorf("%w: descriptor %d inherits stdio %d", ErrBadImage, fd.Fd, f.InheritFd)
 			}
-			if _, err := in.Syscall(sys.SYS_DUP3, uint64(base+int(f.InheritFd)), uint64(fd.Fd), flags); err != nil {
-				return fmt.Errorf("descriptor %d from the restorer's stdio: %w", fd.Fd, err)
-			}
+			b.add(fmt.Sprintf("descriptor %d from the restorer's stdio", fd.Fd), sys.SYS_DUP3, uint64(base+int(f.InheritFd)), uint64(fd.Fd), flags)
+			b.used[int(fd.Fd)] = true
 			continue
 		}
 		if first, ok := opened[fd.FileId]; ok {
 			// Another descriptor of the same open file description.
-			if _, err := in.Syscall(sys.SYS_DUP3, uint64(first), uint64(fd.Fd), flags); err != nil {
-				return fmt.Errorf("descriptor %d: dup3 of %d: %w", fd.Fd, first, err)
-			}
+			b.add(fmt.Sprintf("descriptor %d: dup3 of %d", fd.Fd, first), sys.SYS_DUP3, uint64(first), uint64(fd.Fd), flags)
+			b.used[int(fd.Fd)] = true
 			continue
 		}
 		opened[fd.FileId] = fd.Fd
 		// An open file description another process of the image made
 		// first (inherited across fork), or this process makes for others.
 		key := sharedKey{sharedFile, uint64(fd.FileId)}
+		if _, made := r.shared.get(key); !made && !r.sharedIDs[fd.FileId] && pathKinds[f.Kind] {
+			if err := b.open(fd, f); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := b.flush(); err != nil {
+			return err
+		}
 		tmp, ok, err := r.fromShared(key)
 		if ok {
 			inherited[fd.FileId] = true
@@ -192,23 +203,14 @@ func (r *restorer) setFiles() error {
 		if err != nil {
 			return fmt.Errorf("descriptor %d (%s): %w", fd.Fd, f.Path, err)
 		}
-		if tmp != uint64(fd.Fd) {
-			if _, err := in.Syscall(sys.SYS_DUP3, tmp, uint64(fd.Fd), flags); err != nil {
-				return fmt.Errorf("descriptor %d: dup3: %w", fd.Fd, err)
-			}
-			if _, err := in.Syscall(sys.SYS_CLOSE, tmp); err != nil {
-				return err
-			}
-		} else if !fd.Cloexec {
-			if _, err := in.Syscall(sys.SYS_FCNTL, tmp, sys.F_SETFD, 0); err != nil {
-				return err
-			}
+		if err := b.resync(); err != nil {
+			return err
 		}
+		b.place(fd, int(tmp))
 	}
 	for i := 0; i < 3; i++ {
-		if _, err := in.Syscall(sys.SYS_CLOSE, uint64(base+i)); err != nil {
-			return fmt.Errorf("close parked stdio: %w", err)
-		}
+		b.add("close parked stdio", sys.SYS_CLOSE, uint64(base+i))
+		delete(b.used, base+i)
 	}
 	// Epoll interest lists, once every watched descriptor exists.
 	ev := make([]byte, 12) // struct epoll_event is packed on x86_64
@@ -220,15 +222,135 @@ func (r *restorer) setFiles() error {
 		for _, t := range f.GetEpoll().GetTargets() {
 			binary.LittleEndian.PutUint32(ev[0:], t.Events)
 			binary.LittleEndian.PutUint64(ev[4:], t.Data)
-			if err := in.WriteMemory(r.scratch, ev); err != nil {
+			at, err := b.arg(ev)
+			if err != nil {
 				return err
 			}
-			if _, err := in.Syscall(sys.SYS_EPOLL_CTL, uint64(fd.Fd), sys.EPOLL_CTL_ADD, uint64(t.Fd), r.scratch); err != nil {
-				return fmt.Errorf("epoll %d: watch descriptor %d: %w", fd.Fd, t.Fd, err)
-			}
+			b.add(fmt.Sprintf("epoll %d: watch descriptor %d", fd.Fd, t.Fd), sys.SYS_EPOLL_CTL, uint64(fd.Fd), sys.EPOLL_CTL_ADD, uint64(t.Fd), at)
 		}
 	}
+	return b.flush()
+}
+
+// pathKinds are the kinds of file openFile opens by path alone: fdBatch
+// opens them in its batch.
+var pathKinds = map[imagepb.FileKind]bool{
+	imagepb.FileKind_FILE_REGULAR: true, imagepb.FileKind_FILE_CHARDEV: true, imagepb.FileKind_FILE_DIRECTORY: true,
+}
+
+// fdBatch queues the calls that rebuild a descriptor table and runs them
+// as one batch, instead of two stops of the process per call. A call that
+// makes a descriptor (openat) returns the lowest one free: fdBatch follows
+// which are in use, so that the calls after it can name the descriptor
+// before it exists, and checks the kernel's answers when the batch has
+// run. The arguments the calls point at (paths, epoll events) go to the
+// thread slots of the scratch memory, unused until setThreads.
+type fdBatch struct {
+	r      *restorer
+	c      calls
+	used   map[int]bool // descriptors in use once the queued calls have run
+	expect map[int]int  // queued call -> the descriptor it must return
+	args   []byte       // written at r.scratch+scratchSlots
+}
+
+// fdArgsSize is how much memory the arguments of one batch may take.
+const fdArgsSize = restoreScratchSize - scratchSlots
+
+func (b *fdBatch) add(name string, nr uint64, args ...uint64) { b.c.add(name, nr, args...) }
+
+// arg queues data for a call and returns its address in the process.
+func (b *fdBatch) arg(data []byte) (uint64, error) {
+	if len(b.args)+len(data) > fdArgsSize {
+		if err := b.flush(); err != nil {
+			return 0, err
+		}
+	}
+	at := b.r.scratch + scratchSlots + uint64(len(b.args))
+	b.args = append(b.args, data...)
+	return at, nil
+}
+
+// lowest returns the lowest descriptor free once the queued calls have run.
+func (b *fdBatch) lowest() int {
+	fd := 0
+	for b.used[fd] {
+		fd++
+	}
+	return fd
+}
+
+// open queues the opening of f, a file of pathKinds, as descriptor fd.
+func (b *fdBatch) open(fd *imagepb.FD, f *imagepb.File) error {
+	at, err := b.arg(ptrace.CString(f.Path))
+	if err != nil {
+		return err
+	}
+	tmp := b.lowest()
+	if b.expect == nil {
+		b.expect = map[int]int{}
+	}
+	b.expect[len(b.c.list)] = tmp
+	b.add(fmt.Sprintf("descriptor %d (%s): open", fd.Fd, f.Path), sys.SYS_OPENAT, atFDCWD, at, uint64(f.Flags&openFlags)|sys.O_CLOEXEC)
+	b.used[tmp] = true
+	if f.Kind == imagepb.FileKind_FILE_REGULAR && f.Pos != 0 {
+		b.add(fmt.Sprintf("descriptor %d (%s): seek to %d", fd.Fd, f.Path, f.Pos), sys.SYS_LSEEK, uint64(tmp), uint64(f.Pos), 0)
+	}
+	b.place(fd, tmp)
 	return nil
+}
+
+// place queues the moving of tmp, a new descriptor (close-on-exec), to
+// its place in the image, fd.
+func (b *fdBatch) place(fd *imagepb.FD, tmp int) {
+	if tmp != int(fd.Fd) {
+		var flags uint64
+		if fd.Cloexec {
+			flags = sys.O_CLOEXEC
+		}
+		b.add(fmt.Sprintf("descriptor %d: dup3 of %d", fd.Fd, tmp), sys.SYS_DUP3, uint64(tmp), uint64(fd.Fd), flags)
+		b.add(fmt.Sprintf("descriptor %d: close %d", fd.Fd, tmp), sys.SYS_CLOSE, uint64(tmp))
+		delete(b.used, tmp)
+		b.used[int(fd.Fd)] = true
+	} else if !fd.Cloexec {
+		b.add(fmt.Sprintf("descriptor %d: clear close-on-exec", fd.Fd), sys.SYS_FCNTL, uint64(tmp), sys.F_SETFD, 0)
+	}
+}
+
+// resync reads which descriptors are in use from the process, after
+// calls that did not go through the batch; nothing may be queued.
+func (b *fdBatch) resync() error {
+	fds, err := proc.ListFDs(b.r.pid)
+	if err != nil {
+		return err
+	}
+	clear(b.used)
+	for _, fd := range fds {
+		b.used[fd] = true
+	}
+	return nil
+}
+
+// flush runs the queued calls and checks the descriptors they made.
+func (b *fdBatch) flush() error {
+	if len(b.c.list) == 0 {
+		return nil
+	}
+	in := b.r.main
+	if len(b.args) > 0 {
+		if err := in.WriteMemory(b.r.scratch+scratchSlots, b.args); err != nil {
+			return err
+		}
+	}
+	res, err := b.c.run(in)
+	for i, got := range res {
+		if want, ok := b.expect[i]; ok && int(got) != want {
+			// A descriptor this restore did not account for: the calls
+			// after it named the wrong one.
+			return fmt.Errorf("%s: got descriptor %d, expected %d", b.c.names[i], got, want)
+		}
+	}
+	b.c, b.args, b.expect = calls{}, b.args[:0], nil
+	return err
 }
 
 // listenersFirst returns fds with the descriptors of TCP and unix
