@@ -231,6 +231,13 @@ func TestShadowFollowsRoundsAndFinishes(t *testing.T) {
 	for pidFree(gone) != nil {
 		gone++
 	}
+	// A TID in use here is refused, and nothing is created.
+	if err := sh.SetThreads([]int{pid, os.Getpid()}); !errors.Is(err, ErrPidTaken) {
+		t.Fatalf("SetThreads with a TID in use: %v, want ErrPidTaken", err)
+	}
+	if got := taskList(t, pid); !slices.Equal(got, []int{pid}) {
+		t.Fatalf("threads after a refused SetThreads: %v, want only %d", got, pid)
+	}
 	if err := sh.SetThreads(append(slices.Clone(tids), gone)); err != nil {
 		t.Fatal(err)
 	}
