@@ -3,6 +3,10 @@ package target
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -10,11 +14,14 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
+	"github.com/phaul/phaul/engine"
 	"github.com/phaul/phaul/internal/hostinfo"
 	"github.com/phaul/phaul/pageserver"
 	"github.com/phaul/phaul/pagestream"
 	"github.com/phaul/phaul/protocol"
+	"github.com/phaul/phaul/protocol/imagepb"
 	"github.com/phaul/phaul/protocol/migrationpb"
 )
 
@@ -275,4 +282,67 @@ func TestFreezeWaitsForFinalPages(t *testing.T) {
 			t.Fatal("freeze still waits after the page stream broke")
 		}
 	})
+}
+
+// TestBeginRoundThreadsAhead: the threads a round's layout names are
+// created in the shadow at once, and a TID in use here does not fail the
+// round (the restore creates what is missing, or fails with the reason).
+func TestBeginRoundThreadsAhead(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("a shadow process needs root (ptrace, clone3 set_tid)")
+	}
+	free := func(from int) int {
+		for pid := from; ; pid++ {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); errors.Is(err, os.ErrNotExist) {
+				return pid
+			}
+		}
+	}
+	pid := free(os.Getpid() + 1000)
+	thread := free(pid + 1)
+	layout, err := engine.Layout(os.Getpid()) // this process's, [vdso] included
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, id := newTestSession(t, time.Minute)
+	round := func(n int, tids ...int) error {
+		p := &imagepb.Process{Pid: int32(pid), Vmas: layout}
+		for _, tid := range tids {
+			p.Threads = append(p.Threads, &imagepb.Thread{Tid: int32(tid)})
+		}
+		blob, err := proto.Marshal(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = s.BeginRound(context.Background(), &migrationpb.BeginRoundRequest{MigrationId: id, Round: uint32(n),
+			Layouts: []*migrationpb.ProcessBlob{{Pid: int32(pid), Image: blob}}})
+		return err
+	}
+	tasks := func() []string {
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		slices.Sort(names)
+		return names
+	}
+	if err := round(0, pid, thread); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{strconv.Itoa(pid), strconv.Itoa(thread)}
+	slices.Sort(want)
+	if got := tasks(); !slices.Equal(got, want) {
+		t.Fatalf("shadow threads after round 0: %v, want %v", got, want)
+	}
+	// This test's own PID is in use here: logged, not an error.
+	if err := round(1, pid, os.Getpid()); err != nil {
+		t.Fatalf("round with a TID in use: %v", err)
+	}
+	if got := tasks(); !slices.Equal(got, want) {
+		t.Errorf("shadow threads after a refused thread list: %v, want %v unchanged", got, want)
+	}
 }
