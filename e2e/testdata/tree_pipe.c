@@ -11,7 +11,8 @@
  * The grandchild writes records {seq, mix64(seq)} into pipe 1 (its write end
  * is O_NONBLOCK: it waits in poll when the pipe is full), the child reads
  * them (blocking read end), checks that none is missing or repeated and
- * passes them on through pipe 2 (blocking write end) to the root, which
+ * passes them on through pipe 2 (blocking write end) to the root (both
+ * after a poll of at most 100 ms, see ready), which
  * checks them again (O_NONBLOCK read end, read in bursts, so that both pipes
  * are full most of the time).
  *
@@ -216,10 +217,28 @@ static void child_check(int seq, struct verdict *v, char *kv, size_t len)
 	kvf(kv, len, "progress=%llu", (unsigned long long)s1.next);
 }
 
+/*
+ * ready waits up to 100 ms for fd to be ready for events. A check request
+ * that arrives just before a blocking call would not interrupt it: the
+ * child would sleep in write() on a full pipe 2 while the root, waiting
+ * for its report, does not drain it. The timeout bounds that window.
+ */
+static int ready(int fd, short events)
+{
+	struct pollfd pf = {.fd = fd, .events = events};
+	return poll(&pf, 1, 100) > 0;
+}
+
 /* forward writes to the blocking pipe 2, answering checks when interrupted. */
 static void forward(const uint8_t *p, size_t n)
 {
 	while (n > 0) {
+		if (!ready(p2w, POLLOUT)) {
+			tree_member_service("child", child_check);
+			if (term_requested)
+				return;
+			continue;
+		}
 		ssize_t w = write(p2w, p, n);
 		if (w < 0) {
 			if (errno != EINTR) {
@@ -277,6 +296,8 @@ static void child(int p1[2])
 			end_children(kids, 2);
 			_exit(0);
 		}
+		if (!ready(p1r, POLLIN))
+			continue;
 		ssize_t n = read(p1r, buf, sizeof(buf));
 		if (n < 0) {
 			if (errno != EINTR) {
