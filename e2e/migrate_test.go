@@ -225,6 +225,92 @@ func TestMigrateRollsBack(t *testing.T) {
 	if !strings.Contains(string(out), "PID is in use") {
 		t.Errorf("the error does not name the cause:\n%s", out)
 	}
+	checkRolledBack(t, pid, wlLog)
+}
+
+// TestMigrateRollsBackThreadTaken migrates to a target whose PID namespace
+// has the PID free but not the TID of one of the process's threads: the
+// target refuses at the restore, naming that TID, leaves the process that
+// holds it alone, and the original runs on.
+func TestMigrateRollsBackThreadTaken(t *testing.T) {
+	phaul := needPhaul(t)
+	if _, err := exec.LookPath("nsenter"); err != nil {
+		t.Skip("nsenter (util-linux) is not installed")
+	}
+	n := hosts(t)
+	src, tgt := n.Host("source"), n.Host("target")
+	ctx := context.Background()
+	serve := tgt.CommandNewPIDNS(ctx, phaul, "serve", "--listen", tgt.Addr+":7070", "--insecure", "-v")
+	serveLog := background(t, serve, "serve")
+	waitLog(t, serveLog, "time=", 0)
+	wl := exec.Command("ip", "netns", "exec", src.NS, phaul, "__workload", "--mem", "16M", "--dirty", "1000")
+	wlLog := background(t, wl, "workload")
+	waitLog(t, wlLog, "READY", 0)
+	pid := wl.Process.Pid
+	tid := 0
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range tasks {
+		if n, _ := strconv.Atoi(e.Name()); n != pid {
+			tid = max(tid, n)
+		}
+	}
+	if tid == 0 {
+		t.Fatalf("the workload has no thread but its main one: %v", tasks)
+	}
+	holdPID(t, serve.Process.Pid, tid)
+
+	cmd := src.Command(ctx, phaul, "migrate", "--to", tgt.Addr+":7070", "--insecure", strconv.Itoa(pid))
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		t.Fatalf("migrate into a PID namespace where TID %d is taken succeeded:\n%s", tid, out)
+	}
+	t.Logf("migrate failed as it should:\n%s", lastLines(string(out), 3))
+	if !strings.Contains(string(out), "PID is in use") || !strings.Contains(string(out), strconv.Itoa(tid)) {
+		t.Errorf("the error does not name the cause (TID %d in use):\n%s", tid, out)
+	}
+	if topology.NestedPid(tid) == 0 {
+		t.Errorf("the process that held TID %d on the target is gone", tid)
+	}
+	checkRolledBack(t, pid, wlLog)
+}
+
+// holdPID starts a process that is want in the PID namespace whose init is
+// the child of unshare (PID unshare, as CommandNewPIDNS starts it), by
+// setting the namespace's last PID just before the fork. It runs until the
+// test ends.
+func holdPID(t *testing.T, unshare, want int) {
+	t.Helper()
+	var init int
+	for deadline := time.Now().Add(5 * time.Second); init == 0; {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", unshare, unshare))
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			init, _ = strconv.Atoi(f[0])
+		} else if time.Now().After(deadline) {
+			t.Fatalf("no namespace init under unshare (PID %d)", unshare)
+		} else {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	// Another fork in the namespace between the write and ours would take
+	// the PID: try again then.
+	for try := 0; try < 3; try++ {
+		script := fmt.Sprintf("echo %d > /proc/sys/kernel/ns_last_pid; sleep 600 & echo HELD $!; wait", want-1)
+		log := background(t, exec.Command("nsenter", "-t", strconv.Itoa(init), "-p", "-m", "--", "sh", "-c", script), fmt.Sprintf("hold%d", try))
+		line, _ := waitLog(t, log, "HELD ", 0)
+		if strings.TrimPrefix(line, "HELD ") == strconv.Itoa(want) {
+			return
+		}
+	}
+	t.Fatalf("could not take PID %d in the target's namespace", want)
+}
+
+// checkRolledBack checks the original after a failed migration: it runs,
+// its memory is intact, and nothing of the tracking is left in it.
+func checkRolledBack(t *testing.T, pid int, wlLog string) {
+	t.Helper()
 	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
 		t.Fatalf("the original is gone after a failed migration: %v", err)
 	}
