@@ -253,8 +253,8 @@ func TestMigrateRollsBackThreadTaken(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, e := range tasks {
-		if n, _ := strconv.Atoi(e.Name()); n != pid {
-			tid = max(tid, n)
+		if id, _ := strconv.Atoi(e.Name()); id != pid {
+			tid = max(tid, id)
 		}
 	}
 	if tid == 0 {
