@@ -181,7 +181,7 @@ func pidFree(pid int) error {
 	if st, err := proc.ReadStat(pid); err == nil && st.State == 'Z' {
 		return fmt.Errorf("%w: PID %d is held by a zombie (%s) that its parent, PID %d, has not reaped yet", ErrPidTaken, pid, holder, st.Ppid)
 	}
-	return fmt.Errorf("%w: PID %d belongs to a running process (%s); restore needs it free, or run phaul restore in a new PID namespace", ErrPidTaken, pid, holder)
+	return fmt.Errorf("%w: PID %d belongs to a running process (%s); the restore needs it free: end that process, or restore in a PID namespace where the PID is free (phaul serve in its own, for a migration)", ErrPidTaken, pid, holder)
 }
 
 // abort kills whatever was created.
